@@ -1,0 +1,358 @@
+"""Checkpoint layout, commit records and the per-pair manifest.
+
+Layout under a checkpoint root (a folder or a ``gs://`` prefix)::
+
+    shared/{table}/{shard}.parquet          tables every pair shares (tri_, mkt_, var_, csi_)
+    shared/{table}/{shard}.json             the shard's commit record
+    pairs/{pair}/{table}/{shard}.parquet    the pair's own tables and its targets
+    pairs/{pair}/{table}/{shard}.json
+    pairs/{pair}/manifests/{window}.json    the manifest of one extraction window
+    pairs/{pair}/manifests/{window}.SUCCESS written last, after verification
+
+``{shard}`` and ``{window}`` are time ranges like ``20250106T0000-20250203T0000``. A
+shard is written under a temporary name and renamed into place; its commit record is
+written after it. A shard counts as done only when its record exists, the record's
+fingerprint matches the current query and schema, and the file's size and CRC32C match
+the record. Everything else is redone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import storage
+from pipelines.catalog import Column, TableSpec
+from pipelines.errors import PipelineError
+from pipelines.schema import arrow_type
+from pipelines.window import Window
+
+FORMAT = 1
+
+# Checkpoint parquet settings. Row groups of 8,192 rows keep what the merge holds per
+# table small (one row group of each of ~667 tables) while staying efficient to scan.
+CHECKPOINT_ROW_GROUP = 8192
+CHECKPOINT_COMPRESSION = "snappy"
+
+
+def shard_path(root: str, spec_shared: bool, pair: str, table: str, shard: Window) -> str:
+    """Where a shard's parquet file lives."""
+    area = ("shared",) if spec_shared else ("pairs", pair)
+    return storage.join(root, *area, table, f"{shard.id}.parquet")
+
+
+def record_path(parquet_path: str) -> str:
+    """The commit record beside a shard."""
+    return parquet_path[: -len(".parquet")] + ".json"
+
+
+def manifest_path(root: str, pair: str, window: Window) -> str:
+    """The manifest of ``pair`` for ``window``."""
+    return storage.join(root, "pairs", pair, "manifests", f"{window.id}.json")
+
+
+def success_path(root: str, pair: str, window: Window) -> str:
+    """The success marker written after the manifest."""
+    return storage.join(root, "pairs", pair, "manifests", f"{window.id}.SUCCESS")
+
+
+def output_schema(spec: TableSpec, key: str) -> pa.Schema:
+    """The Arrow schema of a table's checkpoint: the key, then its output columns."""
+    fields = [pa.field(key, arrow_type("TIMESTAMP"), nullable=False)]
+    fields += [pa.field(c.output, arrow_type(c.type)) for c in spec.columns]
+    return pa.schema(fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardTask:
+    """One unit of extraction work: one table's rows in one time shard."""
+
+    spec: TableSpec
+    shard: Window
+    path: str
+    select_sql: str
+    count_sql: str
+    fingerprint: str
+
+    @property
+    def record_path(self) -> str:
+        """Path of this task's commit record."""
+        return record_path(self.path)
+
+    @property
+    def label(self) -> str:
+        """Short name for logs and errors."""
+        return f"{self.spec.dataset}.{self.spec.table} shard {self.shard.id}"
+
+
+def fingerprint(select_sql: str, count_sql: str, schema: pa.Schema, policy: str) -> str:
+    """Identity of a shard's content: what was queried, how, and into which schema."""
+    payload = json.dumps({
+        "format": FORMAT,
+        "select": select_sql,
+        "count": count_sql,
+        "schema": [[f.name, str(f.type)] for f in schema],
+        "on_duplicate_keys": policy,
+        "row_group": CHECKPOINT_ROW_GROUP,
+        "compression": CHECKPOINT_COMPRESSION,
+    }, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def write_shard(table: pa.Table, path: str) -> tuple[int, str]:
+    """Write a checkpoint shard atomically; return its size and CRC32C."""
+    with storage.atomic_local_path(path) as tmp:
+        pq.write_table(
+            table, tmp,
+            row_group_size=CHECKPOINT_ROW_GROUP,
+            compression=CHECKPOINT_COMPRESSION,
+            write_page_checksum=True,
+            # Statistics on the key only: they let readers skip row groups by time; on
+            # hundreds of feature columns they would just grow the footer.
+            write_statistics=[table.schema.names[0]],
+        )
+        nbytes, crc = storage.size(tmp), storage.crc32c(tmp)
+    return nbytes, crc
+
+
+def write_record(path: str, record: dict[str, Any]) -> None:
+    """Write a commit record atomically (after its shard)."""
+    storage.write_bytes(path, json.dumps(record, indent=1, sort_keys=True).encode())
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    """A JSON document, or None if it does not exist or does not parse."""
+    try:
+        return json.loads(storage.read_bytes(path))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def shard_is_done(task: ShardTask, check_content: bool = True) -> bool:
+    """True when a committed shard proves ``task`` finished: record, fingerprint, size
+    and (with ``check_content``) CRC32C all agree."""
+    record = read_json(task.record_path)
+    if not record or record.get("fingerprint") != task.fingerprint:
+        return False
+    if not storage.exists(task.path) or storage.size(task.path) != record.get("bytes"):
+        return False
+    return not check_content or storage.crc32c(task.path) == record.get("crc32c")
+
+
+def _iso(t: dt.datetime | None) -> str | None:
+    return None if t is None else t.isoformat()
+
+
+def make_record(task: ShardTask, rows: int, counts: dict[str, int], duplicates: int,
+                key_min: dt.datetime | None, key_max: dt.datetime | None,
+                nbytes: int, crc: str) -> dict[str, Any]:
+    """The commit record of a finished shard."""
+    return {
+        "format": FORMAT,
+        "table": task.spec.table,
+        "dataset": task.spec.dataset,
+        "shard": {"start": task.shard.start.isoformat(), "end": task.shard.end.isoformat()},
+        "file": task.path.rsplit("/", 1)[-1],
+        "fingerprint": task.fingerprint,
+        "rows": rows,
+        "source_rows": counts["n_rows"],
+        "source_keys": counts["n_keys"],
+        "duplicates_dropped": duplicates,
+        "bad_keys_dropped": counts.get("n_bad", 0),
+        "key_min": _iso(key_min),
+        "key_max": _iso(key_max),
+        "bytes": nbytes,
+        "crc32c": crc,
+    }
+
+
+def spec_to_json(spec: TableSpec) -> dict[str, Any]:
+    """A table spec as plain JSON (manifest entries, Beam elements)."""
+    return {
+        "dataset": spec.dataset, "table": spec.table, "group": spec.group,
+        "shared": spec.shared, "stem": spec.stem,
+        "columns": [[c.source, c.output, c.type] for c in spec.columns],
+    }
+
+
+def spec_from_json(data: dict[str, Any]) -> TableSpec:
+    """Inverse of :func:`spec_to_json`."""
+    return TableSpec(
+        dataset=data["dataset"], table=data["table"], group=data["group"],
+        shared=data["shared"], stem=data["stem"],
+        columns=tuple(Column(*c) for c in data["columns"]),
+    )
+
+
+@dataclasses.dataclass
+class Manifest:
+    """What one extraction of a pair in one window produced; the merge's only input."""
+
+    pair: str
+    window: Window
+    key: str
+    root: str
+    tables: list[dict[str, Any]]  # spec_to_json + "shards": [records with "path"]
+    source: str = ""
+    shard_days: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form; paths are stored relative to the checkpoint root."""
+        return {
+            "format": FORMAT, "pair": self.pair, "key": self.key,
+            "window": {"id": self.window.id, "start": self.window.start.isoformat(),
+                       "end": self.window.end.isoformat()},
+            "source": self.source, "shard_days": self.shard_days,
+            "totals": self.totals(),
+            "tables": self.tables,
+        }
+
+    def totals(self) -> dict[str, int]:
+        """Sums over every table: tables, shards, rows, drops, bytes, columns."""
+        shards = [s for t in self.tables for s in t["shards"]]
+        return {
+            "tables": len(self.tables),
+            "feature_tables": sum(t["group"] != "targets" for t in self.tables),
+            "columns": sum(len(t["columns"]) for t in self.tables),
+            "shards": len(shards),
+            "rows": sum(s["rows"] for s in shards),
+            "duplicates_dropped": sum(s["duplicates_dropped"] for s in shards),
+            "bad_keys_dropped": sum(s["bad_keys_dropped"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards),
+        }
+
+    @property
+    def targets(self) -> dict[str, Any]:
+        """The targets table's entry (always first)."""
+        return self.tables[0]
+
+    def specs(self) -> list[TableSpec]:
+        """The tables as specs, targets first, then features in catalog order."""
+        return [spec_from_json(t) for t in self.tables]
+
+    def shard_files(self, entry: dict[str, Any]) -> list[str]:
+        """Absolute paths of a table entry's shards, in time order."""
+        return [storage.join(self.root, s["path"]) for s in entry["shards"]]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], root: str) -> "Manifest":
+        """Parse a manifest read from ``root``."""
+        return cls(
+            pair=data["pair"], key=data["key"], root=root,
+            window=Window(dt.datetime.fromisoformat(data["window"]["start"]),
+                          dt.datetime.fromisoformat(data["window"]["end"])),
+            tables=data["tables"], source=data.get("source", ""),
+            shard_days=data.get("shard_days", 0),
+        )
+
+
+def relative(root: str, path: str) -> str:
+    """``path`` relative to the checkpoint root (with '/' separators)."""
+    prefix = root.rstrip("/\\") + ("/" if storage.is_gcs(root) else __import__("os").sep)
+    if not path.startswith(prefix):
+        raise ValueError(f"{path} is not under {root}")
+    return path[len(prefix):].replace("\\", "/")
+
+
+def find_windows(root: str, pair: str) -> list[Window]:
+    """Windows of ``pair`` that have a manifest with a success marker, oldest first."""
+    folder = storage.join(root, "pairs", pair, "manifests")
+    try:
+        names = storage.list_files(folder)
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        base = name.replace("\\", "/").rsplit("/", 1)[-1]
+        if base.endswith(".SUCCESS"):
+            out.append(Window.from_id(base[: -len(".SUCCESS")]))
+    return sorted(out)
+
+
+def load_manifest(root: str, pair: str, window: Window | None = None) -> Manifest:
+    """The committed manifest of ``pair``; refuses (naming what is missing) otherwise.
+
+    Without ``window`` the pair must have exactly one committed window.
+    """
+    if window is None:
+        windows = find_windows(root, pair)
+        if not windows:
+            raise PipelineError(
+                f"no committed extraction of pair {pair!r} under {root} "
+                f"(no {storage.join(root, 'pairs', pair, 'manifests', '*.SUCCESS')}); "
+                "run the extract job first")
+        if len(windows) > 1:
+            raise PipelineError(
+                f"pair {pair!r} has {len(windows)} extracted windows under {root} "
+                f"({', '.join(w.id for w in windows)}); choose one with --start-date/--end-date")
+        window = windows[0]
+    mpath, spath = manifest_path(root, pair, window), success_path(root, pair, window)
+    if not storage.exists(mpath):
+        raise PipelineError(f"manifest missing: {mpath}; run the extract job for "
+                            f"{pair} {window.id} first")
+    if not storage.exists(spath):
+        raise PipelineError(f"extraction incomplete: {mpath} has no success marker "
+                            f"{spath}; re-run the extract job to finish it")
+    data = read_json(mpath)
+    if data is None or data.get("format") != FORMAT or data.get("pair") != pair:
+        raise PipelineError(f"manifest {mpath} is unreadable or not a format-{FORMAT} "
+                            f"manifest of {pair}")
+    return Manifest.from_json(data, root)
+
+
+def verify_checkpoints(manifest: Manifest, check_content: bool = True) -> list[str]:
+    """Problems with a manifest's checkpoint files (empty list when all are sound).
+
+    Each file must exist with the size and CRC32C its record states, and its parquet
+    footer must give the recorded rows and the table's schema.
+    """
+    problems = []
+    for entry in manifest.tables:
+        expected = output_schema(spec_from_json(entry), manifest.key)
+        for shard, path in zip(entry["shards"], manifest.shard_files(entry)):
+            problems.extend(_verify_shard(path, shard, expected, check_content))
+    return problems
+
+
+def _verify_shard(path: str, shard: dict[str, Any], expected: pa.Schema,
+                  check_content: bool) -> Iterable[str]:
+    if not storage.exists(path):
+        return [f"checkpoint missing: {path}"]
+    if storage.size(path) != shard["bytes"]:
+        return [f"checkpoint {path} has {storage.size(path)} bytes, its record says "
+                f"{shard['bytes']} (truncated or replaced)"]
+    if check_content and storage.crc32c(path) != shard["crc32c"]:
+        return [f"checkpoint {path} is corrupt: CRC32C {storage.crc32c(path)} differs "
+                f"from the recorded {shard['crc32c']}"]
+    try:
+        meta = pq.read_metadata(storage.local_path(path))
+        schema = meta.schema.to_arrow_schema()
+    except Exception as exc:  # pyarrow raises several types for broken footers
+        return [f"checkpoint {path} is not readable parquet: {exc}"]
+    if meta.num_rows != shard["rows"]:
+        return [f"checkpoint {path} holds {meta.num_rows} rows, its record says {shard['rows']}"]
+    if not schema.remove_metadata().equals(expected):
+        return [f"checkpoint {path} has schema drift: {describe_schema_difference(schema, expected)}"]
+    return []
+
+
+def describe_schema_difference(actual: pa.Schema, expected: pa.Schema) -> str:
+    """One line naming the first columns where two schemas differ."""
+    diffs = []
+    a, e = {f.name: f.type for f in actual}, {f.name: f.type for f in expected}
+    diffs += [f"column {n} is missing" for n in e if n not in a]
+    diffs += [f"unexpected column {n}" for n in a if n not in e]
+    diffs += [f"column {n} is {a[n]}, expected {e[n]}" for n in e if n in a and a[n] != e[n]]
+    if not diffs and actual.names != expected.names:
+        diffs.append("columns are in a different order")
+    if not diffs:
+        diffs.append("nullability or metadata differ")
+    more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
+    return "; ".join(diffs[:3]) + more

@@ -1,0 +1,52 @@
+"""Command-line options of the extract job (Beam PipelineOptions)."""
+from __future__ import annotations
+
+import os
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines.window import DEFAULT_SHARD_DAYS
+
+
+def default_checkpoint_root() -> str:
+    """``gs://$GCS_CHECKPOINT_BUCKET/checkpoints`` if set, else ``$BQX_DATA_DIR/checkpoints``."""
+    bucket = os.environ.get("GCS_CHECKPOINT_BUCKET")
+    if bucket:
+        return bucket if bucket.startswith("gs://") else f"gs://{bucket}/checkpoints"
+    return os.path.join(os.environ.get("BQX_DATA_DIR", "data"), "checkpoints")
+
+
+class ExtractOptions(PipelineOptions):
+    """Options of ``python -m pipelines.extract``; Beam's own flags work alongside."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--pair", default=os.environ.get("PAIR"),
+                            help="currency pair, e.g. eurusd [PAIR]")
+        parser.add_argument("--source", default=os.environ.get("BQX_SOURCE"),
+                            help="duckdb:///path/file.duckdb or bigquery://PROJECT "
+                                 "[BQX_SOURCE]; default: the embedded sample warehouse, "
+                                 "created on first use")
+        parser.add_argument("--checkpoint_root", "--checkpoint-root",
+                            dest="checkpoint_root", default=None,
+                            help="folder or gs://BUCKET/PREFIX for checkpoints "
+                                 "[GCS_CHECKPOINT_BUCKET]; default data/checkpoints")
+        parser.add_argument("--start_date", "--start-date", dest="start_date", default=os.environ.get("START_DATE"),
+                            help="first day of the window, YYYY-MM-DD [START_DATE]")
+        parser.add_argument("--end_date", "--end-date", dest="end_date", default=os.environ.get("END_DATE"),
+                            help="last day of the window (included) [END_DATE]; without "
+                                 "both dates the window is the targets' whole range")
+        parser.add_argument("--catalog", default=os.environ.get("BQX_CATALOG"),
+                            help="catalog TOML file [BQX_CATALOG]; default: the shipped one")
+        parser.add_argument("--shard_days", "--shard-days", dest="shard_days", type=int,
+                            default=int(os.environ.get("SHARD_DAYS", DEFAULT_SHARD_DAYS)),
+                            help=f"length of a checkpoint shard in days [SHARD_DAYS] "
+                                 f"(default {DEFAULT_SHARD_DAYS})")
+        parser.add_argument("--on_duplicate_keys", "--on-duplicate-keys",
+                            dest="on_duplicate_keys", choices=["drop", "error"],
+                            default=os.environ.get("ON_DUPLICATE_KEYS", "drop"),
+                            help="drop repeated keys (counted) or fail [ON_DUPLICATE_KEYS]")
+        parser.add_argument("--sample_rows", "--sample-rows", dest="sample_rows", type=int,
+                            default=int(os.environ.get("SAMPLE_ROWS", 10000)),
+                            help="rows per table when the embedded warehouse is created")
+        parser.add_argument("--verbose", action="store_true", help="debug logging")

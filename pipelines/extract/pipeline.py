@@ -1,0 +1,152 @@
+"""The extract job: plan, run the Beam pipeline over the pending tasks, verify, commit."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+from pipelines import checkpoints, cli, storage
+from pipelines.catalog import load_catalog
+from pipelines.errors import PipelineError
+from pipelines.extract.options import ExtractOptions, default_checkpoint_root
+from pipelines.extract.plan import ExtractionPlan, make_plan
+from pipelines.extract.transforms import FAILED, ExtractShards
+from pipelines.extract.verify import ExtractionIncomplete, commit_manifest
+from pipelines.sources import default_warehouse_path, open_source
+from pipelines.window import parse_date, window_from_dates
+
+log = logging.getLogger("pipelines.extract")
+
+
+def build_pipeline(p: beam.Pipeline, tasks, source_url: str, key: str, policy: str):
+    """Add the extraction to pipeline ``p``; return its (records, failed) PCollections."""
+    outputs = (
+        p
+        | "Tasks" >> beam.Create(tasks, reshuffle=False)
+        | "ExtractShards" >> ExtractShards(source_url, key, policy)
+    )
+    return outputs.records, outputs[FAILED]
+
+
+class _Collect(beam.DoFn):
+    """Remember failure lines in-process (DirectRunner only) for the final report."""
+
+    def __init__(self, sink_path: str):
+        self.sink_path = sink_path
+
+    def process(self, line: str):
+        with open(self.sink_path, "a", encoding="utf-8") as fh:
+            fh.write(line.replace("\n", " ") + "\n")
+        yield line
+
+
+def _with_runner_defaults(argv: list[str]) -> list[str]:
+    """Use every core on the DirectRunner unless the user chose otherwise."""
+    argv = list(argv)
+    given = " ".join(argv)
+    if "--runner" not in given or "DirectRunner" in given:
+        if "--direct_num_workers" not in given:
+            workers = os.environ.get("EXTRACTION_WORKERS") or str(os.cpu_count() or 1)
+            argv.append(f"--direct_num_workers={workers}")
+        if "--direct_running_mode" not in given:
+            argv.append("--direct_running_mode=multi_threading")
+    return argv
+
+
+def resolve_source(opts: ExtractOptions, catalog_path: str | None, pair: str) -> str:
+    """The source URL; the embedded sample warehouse is created (or given the pair) on
+    first use."""
+    if opts.source:
+        return opts.source
+    path = default_warehouse_path()
+    from pipelines import sample
+
+    with cli.stage("sample", warehouse=path, pair=pair, rows=opts.sample_rows):
+        sample.build_warehouse(path, [pair], rows=opts.sample_rows)
+    return f"duckdb://{path}"
+
+
+def pending_tasks(plan: ExtractionPlan) -> list:
+    """Tasks whose shard is not already proven done by its commit record."""
+    return [t for t in plan.tasks if not checkpoints.shard_is_done(t)]
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m pipelines.extract``; returns the exit code."""
+    argv = _with_runner_defaults(sys.argv[1:] if argv is None else argv)
+    options = PipelineOptions(argv)
+    opts = options.view_as(ExtractOptions)
+    cli.setup_logging(opts.verbose)
+    catalog = load_catalog(opts.catalog)
+    pair = catalog.check_pair(opts.pair)
+    root = storage.resolve_local(opts.checkpoint_root or default_checkpoint_root())
+    window = None
+    if opts.start_date or opts.end_date:
+        if not (opts.start_date and opts.end_date):
+            raise PipelineError("give both --start-date and --end-date, or neither")
+        window = window_from_dates(parse_date(opts.start_date, "--start-date"),
+                                   parse_date(opts.end_date, "--end-date"))
+    source_url = resolve_source(opts, opts.catalog, pair)
+
+    with cli.stage("discover", pair=pair, source=source_url) as out:
+        source = open_source(source_url)
+        try:
+            plan = make_plan(source, catalog, pair, window, root, opts.shard_days,
+                             opts.on_duplicate_keys)
+        finally:
+            source.close()
+        groups: dict[str, int] = {}
+        for spec in plan.specs:
+            groups[spec.group] = groups.get(spec.group, 0) + 1
+        out.update(tables=len(plan.specs), groups=groups, window=plan.window.id,
+                   shards_per_table=len(plan.tasks) // max(len(plan.specs), 1))
+
+    with cli.stage("resume-check", tasks=len(plan.tasks)) as out:
+        todo = pending_tasks(plan)
+        out.update(done_before=len(plan.tasks) - len(todo), to_do=len(todo))
+
+    if todo:
+        failures = _run_beam(options, plan, todo, source_url)
+        if failures:
+            for line in failures:
+                log.error("failed: %s", line)
+            raise PipelineError(f"{len(failures)} shard(s) failed; first: {failures[0]}")
+
+    with cli.stage("verify", tasks=len(plan.tasks)) as out:
+        try:
+            manifest = commit_manifest(plan, source_url)
+        except ExtractionIncomplete as exc:
+            for problem in exc.problems:
+                log.error("missing: %s", problem)
+            raise
+        totals = manifest.totals()
+        out.update(**totals)
+    log.info("[extract] committed %s", checkpoints.manifest_path(root, pair, plan.window))
+    return cli.EXIT_OK
+
+
+def _run_beam(options: PipelineOptions, plan: ExtractionPlan, todo: list, source_url: str) -> list[str]:
+    """Run the Beam pipeline over ``todo``; return the failure lines it reported."""
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    local_runner = "Direct" in runner
+    fail_log = None
+    if local_runner:
+        fail_log = storage.join(storage.temp_dir("bqx-extract-"), "failures.txt")
+    workers = options.view_as(DirectOptions).direct_num_workers
+    with cli.stage("extract", runner=runner, workers=workers, tasks=len(todo)):
+        p = beam.Pipeline(options=options)
+        records, failed = build_pipeline(p, todo, source_url, plan.key,
+                                         options.view_as(ExtractOptions).on_duplicate_keys)
+        if fail_log:
+            failed | "CollectFailures" >> beam.ParDo(_Collect(fail_log))
+        progress = cli.Progress("extract", len(todo), "shards")
+        with cli.watch(progress, lambda: sum(storage.exists(t.record_path) for t in todo)):
+            result = p.run()
+            result.wait_until_finish()
+    if fail_log and os.path.exists(fail_log):
+        with open(fail_log, encoding="utf-8") as fh:
+            return [line.rstrip("\n") for line in fh if line.strip()]
+    return []

@@ -1,0 +1,94 @@
+"""Discovery and planning: which (table, shard) tasks an extraction consists of."""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+
+from pipelines import checkpoints, sql
+from pipelines.catalog import Catalog, TableSpec, plan_tables
+from pipelines.checkpoints import ShardTask
+from pipelines.errors import PipelineError
+from pipelines.window import UTC, Window, shards, window_covering
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ExtractionPlan:
+    """Everything an extraction of one pair in one window will do."""
+
+    pair: str
+    window: Window
+    key: str
+    root: str
+    shard_days: int
+    specs: list[TableSpec]
+    tasks: list[ShardTask]
+
+    def tasks_of(self, spec: TableSpec) -> list[ShardTask]:
+        """The tasks of one table, in time order."""
+        return [t for t in self.tasks if t.spec.table == spec.table and t.spec.dataset == spec.dataset]
+
+
+def min_valid_key(catalog: Catalog) -> dt.datetime:
+    """The earliest key that is kept (older keys are migration artefacts)."""
+    return dt.datetime.combine(dt.date.fromisoformat(catalog.min_valid_key), dt.time(), UTC)
+
+
+def discover(source, catalog: Catalog, pair: str) -> list[TableSpec]:
+    """Read INFORMATION_SCHEMA of both datasets and apply the catalog's rules."""
+    features = source.table_columns(catalog.features_dataset)
+    if not features:
+        raise PipelineError(f"dataset {catalog.features_dataset} has no tables in {source.url}")
+    targets_name = catalog.targets_table_for(pair)
+    targets = source.table_columns(catalog.targets_dataset).get(targets_name)
+    if targets is None:
+        raise PipelineError(f"targets table {catalog.targets_dataset}.{targets_name} not "
+                            f"found in {source.url}: pair {pair} has no targets there")
+    return plan_tables(catalog, pair, features, targets)
+
+
+def default_window(source, catalog: Catalog, pair: str) -> Window:
+    """The whole days covered by the pair's targets (valid keys only)."""
+    query = sql.key_range(catalog.targets_dataset, catalog.targets_table_for(pair),
+                          catalog.key, min_valid_key(catalog), source.project)
+    row = source.query_rows(query)[0]
+    if row["first_key"] is None:
+        raise PipelineError(f"targets table {catalog.targets_table_for(pair)} has no rows "
+                            f"with {catalog.key} after {catalog.min_valid_key}")
+    return window_covering(row["first_key"], row["last_key"])
+
+
+def build_tasks(catalog: Catalog, pair: str, specs: list[TableSpec], window: Window,
+                root: str, shard_days: int, policy: str, project: str | None) -> list[ShardTask]:
+    """One task per table and time shard, in catalog then time order."""
+    parts = shards(window, shard_days)
+    tasks = []
+    for spec in specs:
+        schema = checkpoints.output_schema(spec, catalog.key)
+        for shard in parts:
+            select = sql.select_shard(spec, catalog.key, shard, project)
+            # The table-wide count of bad keys rides on the window's first shard.
+            bad_floor = min_valid_key(catalog) if shard.start == window.start else None
+            count = sql.count_shard(spec, catalog.key, shard, bad_floor, project)
+            tasks.append(ShardTask(
+                spec=spec, shard=shard,
+                path=checkpoints.shard_path(root, spec.shared, pair, spec.table, shard),
+                select_sql=select, count_sql=count,
+                fingerprint=checkpoints.fingerprint(select, count, schema, policy),
+            ))
+    return tasks
+
+
+def make_plan(source, catalog: Catalog, pair: str, window: Window | None, root: str,
+              shard_days: int, policy: str) -> ExtractionPlan:
+    """Discover the pair's tables and lay out every task of the extraction."""
+    specs = discover(source, catalog, pair)
+    if window is None:
+        window = default_window(source, catalog, pair)
+    floor = min_valid_key(catalog)
+    if window.start < floor:
+        window = Window(floor, max(window.end, floor + dt.timedelta(days=1)))
+    tasks = build_tasks(catalog, pair, specs, window, root, shard_days, policy, source.project)
+    return ExtractionPlan(pair, window, catalog.key, root, shard_days, specs, tasks)

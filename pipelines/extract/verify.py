@@ -1,0 +1,65 @@
+"""The end of an extraction: verify every shard, then commit the manifest and marker."""
+from __future__ import annotations
+
+import json
+
+from pipelines import checkpoints, storage
+from pipelines.checkpoints import Manifest
+from pipelines.errors import PipelineError
+from pipelines.extract.plan import ExtractionPlan
+
+
+class ExtractionIncomplete(PipelineError):
+    """Some tasks have no sound checkpoint; ``problems`` names each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"extraction incomplete: {len(problems)} problem(s); first: {problems[0]}")
+
+
+def check_task(task: checkpoints.ShardTask, key: str) -> tuple[dict | None, list[str]]:
+    """The task's commit record if its shard is sound, else the problems found."""
+    record = checkpoints.read_json(task.record_path)
+    if record is None:
+        return None, [f"{task.label}: no checkpoint ({task.record_path} missing)"]
+    if record.get("fingerprint") != task.fingerprint:
+        return None, [f"{task.label}: checkpoint is from another query or schema"]
+    expected = checkpoints.output_schema(task.spec, key)
+    problems = list(checkpoints._verify_shard(task.path, record, expected, check_content=True))
+    if not problems and record["rows"] != record["source_keys"]:
+        problems.append(
+            f"{task.label}: checkpoint has {record['rows']} rows but the source has "
+            f"{record['source_keys']} distinct keys in the shard")
+    return (None if problems else record), problems
+
+
+def commit_manifest(plan: ExtractionPlan, source_url: str) -> Manifest:
+    """Verify every task's shard and write the manifest, then the success marker.
+
+    Raises ExtractionIncomplete listing every missing or unsound shard; nothing is
+    committed then, and an older success marker for this window is removed.
+    """
+    problems: list[str] = []
+    tables = []
+    for spec in plan.specs:
+        shards = []
+        for task in plan.tasks_of(spec):
+            record, found = check_task(task, plan.key)
+            problems.extend(found)
+            if record is not None:
+                shards.append({**record, "path": checkpoints.relative(plan.root, task.path)})
+        entry = checkpoints.spec_to_json(spec)
+        entry["rows"] = sum(s["rows"] for s in shards)
+        entry["shards"] = shards
+        tables.append(entry)
+    success = checkpoints.success_path(plan.root, plan.pair, plan.window)
+    if problems:
+        storage.delete(success)
+        raise ExtractionIncomplete(problems)
+    manifest = Manifest(plan.pair, plan.window, plan.key, plan.root, tables,
+                        source=source_url, shard_days=plan.shard_days)
+    body = json.dumps(manifest.to_json(), indent=1, sort_keys=True).encode()
+    storage.write_bytes(checkpoints.manifest_path(plan.root, plan.pair, plan.window), body)
+    storage.write_bytes(success, json.dumps(
+        {"manifest_bytes": len(body), "totals": manifest.totals()}, sort_keys=True).encode())
+    return manifest

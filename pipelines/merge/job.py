@@ -1,0 +1,218 @@
+"""The merge job: manifest -> checks -> windowed join -> validated training file."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import time
+
+import pyarrow as pa
+
+from pipelines import checkpoints, cli, storage
+from pipelines.checkpoints import Manifest
+from pipelines.errors import PipelineError
+from pipelines.merge import budget as budgets
+from pipelines.merge.reader import TableCursor, int_keys
+from pipelines.merge.writer import TrainingFileWriter
+from pipelines.validate import KeyDigest, default_report_path, validate_file
+from pipelines.window import parse_date, window_from_dates
+
+log = logging.getLogger("pipelines.merge")
+
+METHODS = ("polars", "duckdb")
+
+
+def joiner_class(method: str):
+    """The window-join implementation of ``method``."""
+    if method == "polars":
+        from pipelines.merge.join_polars import PolarsJoin
+        return PolarsJoin
+    if method == "duckdb":
+        from pipelines.merge.join_duckdb import DuckDBJoin
+        return DuckDBJoin
+    raise PipelineError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def output_schema(manifest: Manifest) -> pa.Schema:
+    """The training file's schema: key, targets, then every feature column in order."""
+    fields = [pa.field(manifest.key, pa.timestamp("us", tz="UTC"), nullable=False)]
+    for spec in manifest.specs():
+        fields += list(checkpoints.output_schema(spec, manifest.key))[1:]
+    return pa.schema(fields)
+
+
+def file_metadata(manifest: Manifest, spine_rows: int, digest: str) -> dict:
+    """The ``bqx.training`` metadata that pipelines.validate reads back."""
+    specs = manifest.specs()
+    return {
+        "format": 1, "pair": manifest.pair, "key": manifest.key,
+        "window": {"start": manifest.window.start.isoformat(),
+                   "end": manifest.window.end.isoformat()},
+        "spine_rows": spine_rows, "spine_digest": digest,
+        "targets": specs[0].output_names,
+        "tables": [{"table": s.table, "stem": s.stem, "group": s.group,
+                    "columns": len(s.columns)} for s in specs[1:]],
+    }
+
+
+def default_output(pair: str) -> str:
+    """``gs://$GCS_OUTPUT_BUCKET/training/...`` or ``$BQX_DATA_DIR/output/...``."""
+    bucket = os.environ.get("GCS_OUTPUT_BUCKET")
+    name = f"training_{pair}.parquet"
+    if bucket:
+        base = bucket if bucket.startswith("gs://") else f"gs://{bucket}/training"
+        return storage.join(base, name)
+    return os.path.join(os.environ.get("BQX_DATA_DIR", "data"), "output", name)
+
+
+def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
+          overwrite: bool = False, check_content: bool = True) -> dict:
+    """Merge a committed extraction into ``output``; return the validation report dict.
+
+    The file appears at ``output`` only after it was written completely and passed
+    validation; on any failure nothing is left behind.
+    """
+    joiner_cls = joiner_class(method)
+    if storage.exists(output) and not overwrite:
+        raise PipelineError(f"output {output} already exists; pass --overwrite to replace it")
+    with cli.stage("preflight", tables=len(manifest.tables)) as out:
+        problems = checkpoints.verify_checkpoints(manifest, check_content=check_content)
+        if problems:
+            for p in problems:
+                log.error("checkpoint: %s", p)
+            raise PipelineError(f"{len(problems)} checkpoint problem(s), merge refused; "
+                                f"first: {problems[0]}")
+        out.update(shards=manifest.totals()["shards"])
+
+    schema = output_schema(manifest)
+    rows_per_window = budgets.window_rows(schema, memory_budget)
+    specs = manifest.specs()
+    spine_total = manifest.targets["rows"]
+    scratch = storage.temp_dir("bqx-merge-")
+    try:
+        with cli.stage("merge", method=method, columns=len(schema), spine_rows=spine_total,
+                       window_rows=rows_per_window) as out:
+            with storage.atomic_local_path(output) as tmp:
+                digest = _merge_windows(manifest, specs, schema, tmp, joiner_cls, rows_per_window,
+                                        memory_budget, scratch)
+                with cli.stage("validate", path=output) as vout:
+                    report = validate_file(tmp, expected={"spine_rows": spine_total,
+                                                          "spine_digest": digest,
+                                                          "pair": manifest.pair})
+                    vout.update(ok=report.ok)
+                if not report.ok:
+                    print(report.summary(), file=sys.stderr)
+                    raise PipelineError(f"the merged file failed validation and was not "
+                                        f"published: {report.hard_failures[0]}")
+            out.update(output=output, rows=spine_total)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    report.path = output
+    report.write_json(default_report_path(output))
+    return report
+
+
+def _merge_windows(manifest: Manifest, specs, schema: pa.Schema, path: str, joiner_cls,
+                   rows_per_window: int, memory_budget: int, scratch: str) -> str:
+    """Stream every window through the join into ``path``; return the spine digest."""
+    key = manifest.key
+    cursors = [
+        TableCursor(f"{s.dataset}.{s.table}", manifest.shard_files(entry),
+                    checkpoints.output_schema(s, key), rows_per_window)
+        for s, entry in zip(specs, manifest.tables)
+    ]
+    spine_cursor, feature_cursors = cursors[0], cursors[1:]
+    digest = KeyDigest()
+    joiner = joiner_cls(key, schema, memory_budget, scratch)
+    # The digest goes in the footer, which is written last: compute it up front from the
+    # key column alone (a few MB even for the full history).
+    spine_keys = _spine_keys(manifest, specs[0])
+    digest.update(spine_keys)
+    writer = TrainingFileWriter(path, schema, file_metadata(manifest, len(spine_keys), digest.hexdigest()))
+    progress = cli.Progress("merge", len(spine_keys), "rows")
+    try:
+        done = 0
+        while True:
+            spine = spine_cursor.take(rows_per_window)
+            if spine.num_rows == 0:
+                break
+            last = int(int_keys(spine.column(0))[-1])
+            parts = [c.take_through(last) for c in feature_cursors]
+            writer.write(joiner.join(spine, parts))
+            done += spine.num_rows
+            progress.update(done)
+        writer.close()
+    finally:
+        joiner.close()
+        progress.close()
+    if done != len(spine_keys):
+        raise PipelineError(f"spine of {manifest.pair} changed while merging "
+                            f"({done} rows read, {len(spine_keys)} expected)")
+    return digest.hexdigest()
+
+
+def _spine_keys(manifest: Manifest, spec) -> pa.Array:
+    """Every spine key in order, read from the key column of the targets' shards."""
+    import pyarrow.parquet as pq
+
+    chunks = []
+    for path in manifest.shard_files(manifest.targets):
+        table = pq.read_table(storage.local_path(path), columns=[manifest.key])
+        chunks.extend(table.column(0).chunks)
+    return pa.chunked_array(chunks, type=pa.timestamp("us", tz="UTC")).combine_chunks()
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Options of ``python -m pipelines.merge``; each has an environment default."""
+    from pipelines.extract.options import default_checkpoint_root
+
+    p = argparse.ArgumentParser(prog="python -m pipelines.merge",
+                                description="Merge a pair's checkpoints into one training file.")
+    p.add_argument("pair_arg", nargs="?", metavar="PAIR", help="the pair (or --pair / PAIR)")
+    p.add_argument("--pair", default=cli.env_default("PAIR"), help="currency pair [PAIR]")
+    p.add_argument("--method", default=cli.env_default("MERGE_METHOD", "polars"),
+                   help=f"{' | '.join(METHODS)} [MERGE_METHOD] (default polars)")
+    p.add_argument("--checkpoint-root", default=None,
+                   help="where the extract job wrote [GCS_CHECKPOINT_BUCKET]; default data/checkpoints")
+    p.add_argument("--output", default=None,
+                   help="training file path [GCS_OUTPUT_BUCKET]; default data/output/training_PAIR.parquet")
+    p.add_argument("--memory-budget", default=cli.env_default("MEMORY_BUDGET", budgets.DEFAULT_BUDGET),
+                   help=f"peak memory to plan for [MEMORY_BUDGET] (default {budgets.DEFAULT_BUDGET})")
+    p.add_argument("--start-date", default=cli.env_default("START_DATE"),
+                   help="window to merge when the pair has several extracted windows")
+    p.add_argument("--end-date", default=cli.env_default("END_DATE"))
+    p.add_argument("--catalog", default=cli.env_default("BQX_CATALOG"), help="catalog TOML file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m pipelines.merge``; returns the exit code."""
+    from pipelines.catalog import load_catalog
+    from pipelines.extract.options import default_checkpoint_root
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    cli.setup_logging(args.verbose)
+    catalog = load_catalog(args.catalog)
+    pair = catalog.check_pair(args.pair_arg or args.pair)
+    joiner_class(args.method)
+    memory_budget = budgets.parse_size(args.memory_budget)
+    root = storage.resolve_local(args.checkpoint_root or default_checkpoint_root())
+    output = storage.resolve_local(args.output or default_output(pair))
+    window = None
+    if args.start_date or args.end_date:
+        if not (args.start_date and args.end_date):
+            raise PipelineError("give both --start-date and --end-date, or neither")
+        window = window_from_dates(parse_date(args.start_date, "--start-date"),
+                                   parse_date(args.end_date, "--end-date"))
+    manifest = checkpoints.load_manifest(root, pair, window)
+    started = time.monotonic()
+    report = merge(manifest, output, args.method, memory_budget, overwrite=args.overwrite)
+    print(report.summary())
+    log.info("[merge] %s: %d rows x %d columns in %.1fs; report %s", output, report.rows,
+             report.columns, time.monotonic() - started, default_report_path(output))
+    return cli.EXIT_OK

@@ -1,0 +1,66 @@
+"""The window join in DuckDB SQL.
+
+One SQL statement with hundreds of joins cannot even be planned in reasonable time, so
+each window is joined in batches of tables: every batch is one LEFT JOIN chain onto the
+spine's keys, ordered by key, and the batches are put side by side (they all have the
+spine's rows in the spine's order).
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from pipelines.sql import quote_all
+
+TABLES_PER_QUERY = 48
+
+
+class DuckDBJoin:
+    """Joins one window at a time in DuckDB, within the memory budget."""
+
+    name = "duckdb"
+
+    def __init__(self, key: str, schema: pa.Schema, memory_budget: int, temp_dir: str):
+        import duckdb
+
+        self.key = key
+        self.schema = schema
+        self.con = duckdb.connect()
+        self.con.execute("SET TimeZone = 'UTC'")
+        self.con.execute(f"SET memory_limit = '{max(memory_budget // 2, 64 << 20)}B'")
+        self.con.execute("SET temp_directory = ?", [temp_dir])
+        self.con.execute("SET preserve_insertion_order = true")
+        self._queries: dict[tuple[int, int], str] = {}
+
+    def _query(self, first: int, parts: list[pa.Table]) -> str:
+        cache_key = (first, len(parts))
+        if cache_key not in self._queries:
+            key = quote_all([self.key], "duckdb")[0]
+            select, joins = [], []
+            for i, part in enumerate(parts):
+                alias = f"t{first + i}"
+                select += [f"{alias}.{c}" for c in quote_all(part.schema.names[1:], "duckdb")]
+                joins.append(f"LEFT JOIN {alias} ON {alias}.{key} = s.{key}")
+            self._queries[cache_key] = (
+                f"SELECT {', '.join(select)} FROM spine_keys AS s {' '.join(joins)} "
+                f"ORDER BY s.{key}")
+        return self._queries[cache_key]
+
+    def join(self, spine: pa.Table, parts: list[pa.Table]) -> pa.Table:
+        """``spine`` (key + targets) with every part's columns LEFT JOINed on the key."""
+        self.con.register("spine_keys", spine.select([self.key]))
+        columns = list(spine.columns)
+        for first in range(0, len(parts), TABLES_PER_QUERY):
+            batch = parts[first: first + TABLES_PER_QUERY]
+            for i, part in enumerate(batch):
+                self.con.register(f"t{first + i}", part)
+            result = self.con.execute(self._query(first, batch)).to_arrow_table()
+            if result.num_rows != spine.num_rows:
+                raise AssertionError("a LEFT JOIN on unique keys changed the row count")
+            columns.extend(result.columns)
+            for i in range(len(batch)):
+                self.con.unregister(f"t{first + i}")
+        return pa.Table.from_arrays(columns, schema=self.schema)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.con.close()

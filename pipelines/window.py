@@ -1,0 +1,95 @@
+"""The one time window every table is read in, and its split into time shards.
+
+Shard boundaries are fixed multiples of ``shard_days`` counted from 2000-01-01 UTC and
+clipped to the window, so every table of every pair shares them: the merge walks the
+shards of all tables in step, a Dataflow worker takes one (table, shard) at a time, and
+an interior shard of a shared table is the same file whatever window asked for it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+from pipelines.errors import PipelineError
+
+UTC = dt.timezone.utc
+SHARD_EPOCH = dt.datetime(2000, 1, 1, tzinfo=UTC)
+DEFAULT_SHARD_DAYS = 28
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Window:
+    """A half-open UTC interval [start, end)."""
+
+    start: dt.datetime
+    end: dt.datetime
+
+    def __post_init__(self):
+        if self.start.tzinfo is None or self.end.tzinfo is None:
+            raise ValueError("window bounds must be timezone-aware")
+        if self.end <= self.start:
+            raise PipelineError(f"empty time window: {self.start:%Y-%m-%d} .. {self.end:%Y-%m-%d}")
+
+    @property
+    def id(self) -> str:
+        """A name for the window usable in paths: ``20240101T0000-20240301T0000``."""
+        return f"{_stamp(self.start)}-{_stamp(self.end)}"
+
+    @classmethod
+    def from_id(cls, window_id: str) -> "Window":
+        """Inverse of :attr:`id`."""
+        try:
+            a, b = window_id.split("-")
+            return cls(_parse_stamp(a), _parse_stamp(b))
+        except ValueError:
+            raise PipelineError(f"malformed window id {window_id!r}") from None
+
+    def describe(self) -> str:
+        """Human-readable form for logs."""
+        return f"[{self.start.isoformat()}, {self.end.isoformat()})"
+
+
+def _stamp(t: dt.datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y%m%dT%H%M")
+
+
+def _parse_stamp(s: str) -> dt.datetime:
+    return dt.datetime.strptime(s, "%Y%m%dT%H%M").replace(tzinfo=UTC)
+
+
+def parse_date(value: str, flag: str) -> dt.date:
+    """Parse a YYYY-MM-DD date given on the command line."""
+    try:
+        return dt.date.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise PipelineError(f"{flag} {value!r} is not a date like 2024-01-31") from None
+
+
+def window_from_dates(start: dt.date, end: dt.date) -> Window:
+    """The window covering the whole days ``start`` .. ``end`` (both included)."""
+    if end < start:
+        raise PipelineError(f"--end-date {end} is before --start-date {start}")
+    return Window(
+        dt.datetime.combine(start, dt.time(), UTC),
+        dt.datetime.combine(end + dt.timedelta(days=1), dt.time(), UTC),
+    )
+
+
+def window_covering(first_key: dt.datetime, last_key: dt.datetime) -> Window:
+    """The whole-day window that covers the keys ``first_key`` .. ``last_key``."""
+    return window_from_dates(first_key.astimezone(UTC).date(), last_key.astimezone(UTC).date())
+
+
+def shards(window: Window, shard_days: int = DEFAULT_SHARD_DAYS) -> list[Window]:
+    """Split ``window`` at the global shard boundaries; shards are in time order."""
+    if shard_days < 1:
+        raise PipelineError(f"--shard-days must be at least 1, not {shard_days}")
+    length = dt.timedelta(days=shard_days)
+    k = (window.start - SHARD_EPOCH) // length
+    out = []
+    lo = window.start
+    while lo < window.end:
+        hi = min(SHARD_EPOCH + (k + 1) * length, window.end)
+        out.append(Window(lo, hi))
+        lo, k = hi, k + 1
+    return out
