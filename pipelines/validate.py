@@ -1,0 +1,805 @@
+"""Validate a training parquet file and report its NULL rates, key health and layout.
+
+``python -m pipelines.validate PATH [--report PATH] [--quiet]``
+
+The training file is too wide to load (about 100K rows x 17K columns, ~13 GB dense), so
+it is read one row group at a time and, inside a row group, in batches of at most
+``columns_per_batch`` columns. Everything kept between batches is a few integers per
+column, so memory stays at one batch whatever the size of the file.
+
+The merge writes ``bqx.training`` JSON into the parquet key-value metadata (pair, window,
+spine row count and digest, target names, feature tables in output order); the checks
+compare the file against it. :class:`KeyDigest` is the one definition of the spine
+digest, so the merge imports it from here instead of re-implementing it.
+
+Exit status: 0 pass, 1 hard failure, 2 file missing/unreadable/not parquet.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import struct
+import sys
+import tempfile
+from collections import defaultdict
+from typing import Any, Iterable
+
+import google_crc32c
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.errors import PipelineError
+
+METADATA_KEY = b"bqx.training"
+METADATA_FORMAT = 1
+DEFAULT_KEY = "interval_time"
+TARGET_PREFIX = "target_"
+TARGETS_FAMILY = "targets"
+# Columns past the metadata's tables (count mismatch) still get counted somewhere.
+UNASSIGNED_FAMILY = "unassigned"
+NULL_WARN_RATE = 0.10
+DEFAULT_COLUMNS_PER_BATCH = 2000
+# Migration leftovers showed up as 1970-01-01 keys; nothing real predates this.
+_PLAUSIBLE_KEY_START = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_EXPECTED_KEYS = {"spine_rows", "spine_digest", "pair"}
+# How many names a single warning/failure line lists before summarising the rest.
+_MAX_NAMES = 10
+
+
+# --------------------------------------------------------------------------- digest
+
+class KeyDigest:
+    """CRC32C of the key column: int64 microseconds, little-endian, in row order.
+
+    Feed it the key arrays in file order (one call per batch or row group); the result
+    does not depend on how the rows were split. NULL keys are hashed as 0 (a file with
+    NULL keys fails validation anyway).
+    """
+
+    def __init__(self) -> None:
+        self._crc = google_crc32c.Checksum()
+        self.rows = 0
+
+    def update(self, keys: pa.Array | pa.ChunkedArray) -> "KeyDigest":
+        """Add a timestamp array (any unit; converted to microseconds) and return self."""
+        micros = key_micros(keys)
+        self._crc.update(micros.astype("<i8", copy=False).tobytes())
+        self.rows += len(micros)
+        return self
+
+    def hexdigest(self) -> str:
+        """The digest so far as 8 lower-case hex characters."""
+        return self._crc.hexdigest().decode("ascii")
+
+
+def key_digest(state: KeyDigest | None, key_array: pa.Array | pa.ChunkedArray) -> KeyDigest:
+    """Functional form of :class:`KeyDigest`: ``state = key_digest(state, keys)``.
+
+    Pass None the first time; read the result with ``state.hexdigest()``.
+    """
+    if state is None:
+        state = KeyDigest()
+    return state.update(key_array)
+
+
+def key_micros(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The key values as an int64 numpy array of microseconds since the epoch (NULL -> 0).
+
+    Raises TypeError for a non-timestamp array, because a digest over some other
+    encoding would silently never match the merge's.
+    """
+    if not pa.types.is_timestamp(keys.type):
+        raise TypeError(f"key must be a timestamp array, got {keys.type}")
+    if keys.type.unit != "us":
+        # Truncating ns is deliberate: the contract is microseconds, as BigQuery stores.
+        keys = pc.cast(keys, pa.timestamp("us", tz=keys.type.tz), safe=False)
+    ints = pc.cast(keys, pa.int64())
+    if ints.null_count:
+        ints = pc.fill_null(ints, 0)
+    if isinstance(ints, pa.ChunkedArray):
+        ints = ints.combine_chunks() if ints.num_chunks != 1 else ints.chunk(0)
+    return ints.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+
+# --------------------------------------------------------------------------- report
+
+@dataclasses.dataclass
+class Report:
+    """The outcome of :func:`validate_file`; ``to_dict()`` is the JSON report."""
+
+    path: str
+    ok: bool = False
+    hard_failures: list[str] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    file_bytes: int = 0
+    footer_bytes: int = 0
+    rows: int = 0
+    columns: int = 0
+    row_groups: int = 0
+    layout: str = "unknown"  # "bqx.training" when the merge's metadata was found
+    pair: str | None = None
+    method: str | None = None
+    window: dict | None = None
+    key: str = DEFAULT_KEY
+    key_min: str | None = None
+    key_max: str | None = None
+    key_nulls: int = 0
+    duplicate_keys: int = 0
+    unordered_keys: int = 0
+    key_digest: str | None = None
+    spine_rows: int | None = None
+    spine_digest: str | None = None
+    families: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    target_null_rates: dict[str, float] = dataclasses.field(default_factory=dict)
+    infinities: dict[str, Any] = dataclasses.field(
+        default_factory=lambda: {"total": 0, "by_family": {}})
+    tables: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    all_null_columns: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field."""
+        return dataclasses.asdict(self)
+
+    def write_json(self, path: str | os.PathLike) -> None:
+        """Write the report as JSON, atomically (temp file in the same dir + os.replace).
+
+        Readers polling for the report never see a half-written file.
+        """
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
+                                   suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.to_dict(), f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def summary(self) -> str:
+        """A readable multi-line summary ending in PASS or FAIL (failures never cut)."""
+        lines = [
+            f"{self.path}",
+            f"  {self.rows:,} rows x {self.columns:,} columns, {self.row_groups:,} row groups, "
+            f"file {_human_bytes(self.file_bytes)}, footer {_human_bytes(self.footer_bytes)}",
+        ]
+        if self.layout == "bqx.training":
+            window = ""
+            if self.window:
+                window = f", window {self.window.get('start')} .. {self.window.get('end')}"
+            lines.append(f"  pair {self.pair}, method {self.method}{window}")
+        else:
+            lines.append("  layout unknown (no bqx.training metadata)")
+        if self.key_min is not None:
+            lines.append(f"  key {self.key}: {self.key_min} .. {self.key_max}, "
+                         f"digest {self.key_digest}")
+        else:
+            lines.append(f"  key {self.key}: no values")
+
+        lines.append("")
+        width = max([len("family"), len("total")] + [len(f) for f in self.families])
+        lines.append(f"  {'family':<{width}}  {'tables':>6}  {'columns':>9}  {'NULL %':>7}"
+                     f"  {'inf':>9}")
+        tot_cols = tot_cells = tot_nulls = 0
+        for fam, st in self.families.items():
+            tables = "-" if st["tables"] is None else f"{st['tables']:,}"
+            lines.append(f"  {fam:<{width}}  {tables:>6}  {st['columns']:>9,}  "
+                         f"{100 * st['null_rate']:>7.2f}  {st['infinities']:>9,}")
+            tot_cols += st["columns"]
+            tot_cells += st["cells"]
+            tot_nulls += st["nulls"]
+        rate = tot_nulls / tot_cells if tot_cells else 0.0
+        lines.append(f"  {'total':<{width}}  {'':>6}  {tot_cols:>9,}  {100 * rate:>7.2f}"
+                     f"  {self.infinities['total']:>9,}")
+
+        lines.append("")
+        worst = sorted(((r, t) for t, r in self.target_null_rates.items() if r > 0),
+                       key=lambda x: (-x[0], x[1]))[:5]
+        if not self.target_null_rates:
+            lines.append("  targets: none found")
+        elif not worst:
+            lines.append(f"  targets: no NULLs in {len(self.target_null_rates)} targets")
+        else:
+            lines.append("  targets with the highest NULL rate:")
+            for r, t in worst:
+                lines.append(f"    {t}  {100 * r:.2f}%")
+        worst_tables = sorted((t for t in self.tables if t["null_rate"] > 0),
+                              key=lambda t: (-t["null_rate"], t["table"]))[:5]
+        if worst_tables:
+            lines.append("  tables with the highest NULL rate:")
+            for t in worst_tables:
+                lines.append(f"    {t['table']} ({t['group']})  {100 * t['null_rate']:.2f}%")
+        inf = self.infinities
+        if inf["total"]:
+            parts = ", ".join(f"{f} {n:,}" for f, n in inf["by_family"].items() if n)
+            lines.append(f"  infinities: {inf['total']:,} ({parts})")
+        else:
+            lines.append("  infinities: 0")
+
+        if self.warnings:
+            lines.append("")
+            lines.append(f"  warnings ({len(self.warnings)}):")
+            lines.extend(f"    - {w}" for w in self.warnings)
+        lines.append("")
+        lines.append(self.verdict())
+        return "\n".join(lines)
+
+    def verdict(self) -> str:
+        """``PASS`` or ``FAIL`` followed by every hard failure on its own line."""
+        if self.ok:
+            return "PASS"
+        n = len(self.hard_failures)
+        out = [f"FAIL ({n} hard failure{'s' if n != 1 else ''})"]
+        out.extend(f"  - {f}" for f in self.hard_failures)
+        return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- layout
+
+@dataclasses.dataclass
+class _Layout:
+    key: str
+    targets: list[str]  # expected target names
+    known: bool
+    family_of: list[str | None]  # per column position; None for the key
+    table_of: list[int | None]  # per column position: index into tables
+    tables: list[dict]
+    family_tables: dict[str, int | None]
+
+
+def _read_metadata(pf: pq.ParquetFile, report: Report) -> dict | None:
+    kv = pf.metadata.metadata or {}
+    raw = kv.get(METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        report.hard_failures.append(f"bqx.training metadata is not valid JSON ({e})")
+        return None
+    problem = _metadata_problem(meta)
+    if problem:
+        report.hard_failures.append(f"bqx.training metadata is malformed: {problem}")
+        return None
+    return meta
+
+
+def _metadata_problem(meta: Any) -> str | None:
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    if meta.get("format") != METADATA_FORMAT:
+        return f"format {meta.get('format')!r}, this validator reads format {METADATA_FORMAT}"
+    targets = meta.get("targets")
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        return "'targets' is not a list of column names"
+    tables = meta.get("tables")
+    if not isinstance(tables, list):
+        return "'tables' is not a list"
+    for i, t in enumerate(tables):
+        if (not isinstance(t, dict) or not isinstance(t.get("table"), str)
+                or not isinstance(t.get("group"), str)
+                or not isinstance(t.get("columns"), int) or t["columns"] < 0):
+            return f"tables[{i}] needs 'table', 'group' and a non-negative int 'columns'"
+    if "spine_rows" in meta and not isinstance(meta["spine_rows"], int):
+        return "'spine_rows' is not an integer"
+    return None
+
+
+def _plan_layout(names: list[str], meta: dict | None, report: Report) -> _Layout:
+    key = (meta or {}).get("key") or DEFAULT_KEY
+    n = len(names)
+    family_of: list[str | None] = [None] * n
+    table_of: list[int | None] = [None] * n
+
+    if meta is None:
+        targets = [c for c in names if c.startswith(TARGET_PREFIX) and c != key]
+        for i, c in enumerate(names):
+            if c == key:
+                continue
+            family_of[i] = TARGETS_FAMILY if c in targets else c.split("_", 1)[0]
+        fam_tables: dict[str, int | None] = {f: None for f in family_of if f is not None}
+        if targets:
+            fam_tables[TARGETS_FAMILY] = 1
+        return _Layout(key, targets, False, family_of, table_of, [], fam_tables)
+
+    targets = list(meta["targets"])
+    target_set = set(targets)
+    tables = meta["tables"]
+    fam_tables = {TARGETS_FAMILY: 1}
+    for t in tables:
+        fam_tables[t["group"]] = fam_tables.get(t["group"], 0) + 1
+
+    feature_pos = []
+    for i, c in enumerate(names):
+        if c == key:
+            continue
+        if c in target_set:
+            family_of[i] = TARGETS_FAMILY
+        else:
+            feature_pos.append(i)
+
+    # Features are positional: table i's columns follow table i-1's.
+    cursor = 0
+    for ti, t in enumerate(tables):
+        for pos in feature_pos[cursor:cursor + t["columns"]]:
+            family_of[pos] = t["group"]
+            table_of[pos] = ti
+        cursor += t["columns"]
+    for pos in feature_pos[cursor:]:
+        family_of[pos] = UNASSIGNED_FAMILY
+    if len(feature_pos) > cursor:
+        fam_tables[UNASSIGNED_FAMILY] = 0
+
+    expected_cols = 1 + len(targets) + cursor
+    if len(names) != expected_cols or len(feature_pos) != cursor:
+        report.hard_failures.append(
+            f"column count mismatch: the file has {len(names):,} columns "
+            f"({len(feature_pos):,} feature columns), the metadata describes {expected_cols:,} "
+            f"(key + {len(targets):,} targets + {cursor:,} feature columns in "
+            f"{len(tables):,} tables)")
+    # Each feature column is named <stem>_<column>, so a column outside its table's
+    # prefix pinpoints where the layout first drifts; later tables would all follow.
+    start = 0
+    for t in tables:
+        stem = t.get("stem")
+        block = [names[p] for p in feature_pos[start:start + t["columns"]]]
+        start += t["columns"]
+        if not isinstance(stem, str) or not stem:
+            continue
+        strays = [c for c in block if not c.startswith(stem + "_")]
+        if strays:
+            report.hard_failures.append(
+                f"columns of table {t['table']} do not follow the metadata: its positions "
+                f"hold {_name_list(strays)}, not named {stem + '_*'!r}")
+            break
+
+    if targets and names[1:1 + len(targets)] != targets:
+        present = [c for c in targets if c in names]
+        if present:
+            report.warnings.append(
+                f"targets are not columns 1..{len(targets)} in the metadata's order")
+    return _Layout(key, targets, True, family_of, table_of, tables, fam_tables)
+
+
+# --------------------------------------------------------------------------- key checks
+
+class _KeyChecker:
+    """Streaming order/uniqueness checks over the key, row group by row group."""
+
+    def __init__(self, window: tuple[int, int] | None):
+        self.prev: int | None = None
+        self.row = 0
+        self.nulls = 0
+        self.duplicates = 0
+        self.unordered = 0
+        self.first_duplicate: tuple[int, int] | None = None  # (row, value)
+        self.first_unordered: tuple[int, int, int] | None = None  # (row, prev, value)
+        self.min: int | None = None
+        self.max: int | None = None
+        self.window = window
+        self.outside_window = 0
+        self.implausible = 0
+        self.digest = KeyDigest()
+
+    def feed(self, keys: pa.ChunkedArray) -> None:
+        self.digest.update(keys)
+        vals = key_micros(keys)
+        nrows = len(vals)
+        if keys.null_count:
+            self.nulls += keys.null_count
+            valid = np.asarray(pc.is_valid(keys).to_numpy(), dtype=bool)
+            idx = np.flatnonzero(valid) + self.row
+            vals = vals[valid]
+        else:
+            idx = np.arange(self.row, self.row + nrows)
+        self.row += nrows
+        if len(vals) == 0:
+            return
+        lo, hi = int(vals.min()), int(vals.max())
+        self.min = lo if self.min is None else min(self.min, lo)
+        self.max = hi if self.max is None else max(self.max, hi)
+        if self.window is not None:
+            self.outside_window += int(np.count_nonzero(
+                (vals < self.window[0]) | (vals >= self.window[1])))
+        self.implausible += int(np.count_nonzero(vals < _micros(_PLAUSIBLE_KEY_START)))
+
+        # The previous batch's last key joins the comparison so that a duplicate or
+        # step back across a row-group boundary is caught too.
+        if self.prev is not None:
+            vals = np.concatenate(([self.prev], vals))
+            idx = np.concatenate(([idx[0] - 1], idx))
+        self.prev = int(vals[-1])
+        before, after = vals[:-1], vals[1:]
+        dup = after == before
+        back = after < before
+        nd, nb = int(np.count_nonzero(dup)), int(np.count_nonzero(back))
+        if nd:
+            self.duplicates += nd
+            if self.first_duplicate is None:
+                j = int(np.argmax(dup))
+                self.first_duplicate = (int(idx[j + 1]), int(after[j]))
+        if nb:
+            self.unordered += nb
+            if self.first_unordered is None:
+                j = int(np.argmax(back))
+                self.first_unordered = (int(idx[j + 1]), int(before[j]), int(after[j]))
+
+
+# --------------------------------------------------------------------------- validation
+
+def validate_file(path: str | os.PathLike, expected: dict | None = None,
+                  columns_per_batch: int = DEFAULT_COLUMNS_PER_BATCH) -> Report:
+    """Validate the training parquet file at ``path`` and return a :class:`Report`.
+
+    Reads one row group at a time, in batches of at most ``columns_per_batch`` columns.
+    ``expected`` may hold ``spine_rows``, ``spine_digest`` and ``pair``; each takes
+    precedence over the file's own ``bqx.training`` metadata. Raises PipelineError when
+    the file is missing, unreadable or not parquet; problems with its contents are
+    hard failures or warnings in the report, never exceptions.
+    """
+    expected = dict(expected or {})
+    unknown = set(expected) - _EXPECTED_KEYS
+    if unknown:
+        raise ValueError(f"unknown expected keys {sorted(unknown)}; "
+                         f"allowed: {sorted(_EXPECTED_KEYS)}")
+    if columns_per_batch < 1:
+        raise ValueError("columns_per_batch must be at least 1")
+    path = os.fspath(path)
+    report = Report(path=path)
+    report.file_bytes, report.footer_bytes = _check_parquet_file(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise PipelineError(f"{path}: cannot read parquet footer: {_first_line(e)}") from None
+
+    names = pf.schema_arrow.names
+    report.columns = len(names)
+    report.rows = pf.metadata.num_rows
+    report.row_groups = pf.num_row_groups
+
+    meta = _read_metadata(pf, report)
+    if meta is not None:
+        report.layout = "bqx.training"
+        report.pair = meta.get("pair")
+        report.method = meta.get("method")
+        report.window = meta.get("window") if isinstance(meta.get("window"), dict) else None
+    else:
+        report.warnings.append(
+            "no bqx.training metadata: layout unknown; families are column-name prefixes "
+            "and targets are the columns starting 'target_'")
+    layout = _plan_layout(names, meta, report)
+    report.key = layout.key
+    _check_expectations(report, meta, expected)
+    _check_columns(report, names, layout, pf.schema_arrow)
+
+    key_pos = names.index(layout.key) if layout.key in names else None
+    key_ok = key_pos is not None and pa.types.is_timestamp(pf.schema_arrow.field(key_pos).type)
+    checker = _KeyChecker(_window_micros(report.window))
+    nulls = np.zeros(len(names), dtype=np.int64)
+    infs = np.zeros(len(names), dtype=np.int64)
+    positions: dict[str, list[int]] = defaultdict(list)
+    for i, c in enumerate(names):
+        positions[c].append(i)
+    # Unique names: asking for a duplicated name returns every column that has it.
+    others = list(dict.fromkeys(c for c in names if c != layout.key))
+    batches = [others[i:i + columns_per_batch]
+               for i in range(0, len(others), columns_per_batch)]
+
+    for rg in range(pf.num_row_groups):
+        if key_ok:
+            keys = _read(pf, rg, [layout.key], path).column(0)
+            checker.feed(keys)
+            del keys
+        for batch in batches:
+            table = _read(pf, rg, batch, path)
+            seen: dict[str, int] = defaultdict(int)
+            for name, col in zip(table.column_names, table.columns):
+                pos = positions[name][seen[name]]
+                seen[name] += 1
+                nulls[pos] += col.null_count
+                if pa.types.is_floating(col.type) and len(col) > col.null_count:
+                    infs[pos] += pc.sum(pc.is_inf(col)).as_py() or 0
+            del table
+
+    if key_ok:
+        _key_results(report, checker, expected, meta)
+    _aggregate(report, names, layout, nulls, infs)
+    report.ok = not report.hard_failures
+    return report
+
+
+def _check_parquet_file(path: str) -> tuple[int, int]:
+    """File size and footer length, refusing anything that is not a parquet file."""
+    if not os.path.exists(path):
+        raise PipelineError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise PipelineError(f"{path}: not a regular file")
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(4)
+            if size >= 12:
+                f.seek(size - 8)
+            tail = f.read(8)
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot read: {e.strerror or e}") from None
+    if size < 12 or head != b"PAR1" or tail[4:] != b"PAR1":
+        if head == b"PARE" or tail[4:] == b"PARE":
+            raise PipelineError(f"{path}: encrypted parquet is not supported")
+        raise PipelineError(f"{path}: not a parquet file (no PAR1 magic bytes)")
+    footer = struct.unpack("<I", tail[:4])[0]
+    if footer + 12 > size:
+        raise PipelineError(f"{path}: truncated parquet file (footer length {footer} "
+                            f"exceeds file size {size})")
+    return size, footer
+
+
+def _read(pf: pq.ParquetFile, rg: int, columns: list[str], path: str) -> pa.Table:
+    try:
+        return pf.read_row_group(rg, columns=columns, use_threads=True)
+    except (OSError, pa.ArrowException) as e:
+        raise PipelineError(f"{path}: cannot read row group {rg}: {_first_line(e)}") from None
+
+
+def _check_expectations(report: Report, meta: dict | None, expected: dict) -> None:
+    meta = meta or {}
+    spine_rows = expected.get("spine_rows", meta.get("spine_rows"))
+    spine_digest = expected.get("spine_digest", meta.get("spine_digest"))
+    report.spine_rows = spine_rows
+    report.spine_digest = str(spine_digest).lower() if spine_digest is not None else None
+    want_pair = expected.get("pair")
+    if want_pair is not None:
+        if meta.get("pair") is None:
+            report.warnings.append(f"cannot confirm the pair is {want_pair!r}: "
+                                   f"the file's metadata names none")
+        elif meta["pair"] != want_pair:
+            report.hard_failures.append(
+                f"file is for pair {meta['pair']!r}, expected {want_pair!r}")
+    if spine_rows is not None and report.rows != spine_rows:
+        report.hard_failures.append(
+            f"row count {report.rows:,} != spine_rows {spine_rows:,}")
+    if spine_rows is None and report.rows == 0:
+        report.hard_failures.append("file has no rows")
+    if meta and spine_digest is None:
+        report.warnings.append("bqx.training metadata has no spine_digest: key digest "
+                               "not checked")
+
+
+def _check_columns(report: Report, names: list[str], layout: _Layout,
+                   schema: pa.Schema) -> None:
+    key = layout.key
+    if key not in names:
+        report.hard_failures.append(f"key column {key!r} is missing")
+    else:
+        if names[0] != key:
+            report.hard_failures.append(
+                f"key column {key!r} is column {names.index(key)}, not the first column")
+        ktype = schema.field(names.index(key)).type
+        if not pa.types.is_timestamp(ktype):
+            report.hard_failures.append(
+                f"key column {key!r} has type {ktype}, expected timestamp[us, tz=UTC]")
+        elif ktype.unit != "us" or ktype.tz not in ("UTC", "+00:00", "Etc/UTC"):
+            report.warnings.append(f"key column {key!r} has type {ktype}, "
+                                   f"expected timestamp[us, tz=UTC]")
+
+    dups = sorted(c for c, n in _counts(names).items() if n > 1)
+    if dups:
+        report.hard_failures.append(f"duplicate column names: {_name_list(dups)}")
+
+    if layout.known:
+        missing = [t for t in layout.targets if t not in names]
+        if missing:
+            # Every name, however many: a truncated list hides which ones to fix.
+            report.hard_failures.append(
+                f"{len(missing)} expected target(s) missing: {', '.join(missing)}")
+        if not layout.targets:
+            report.hard_failures.append("bqx.training metadata lists no targets")
+    elif not layout.targets:
+        report.hard_failures.append(f"no target column (none starts {TARGET_PREFIX!r})")
+
+    not_float = [c for c in layout.targets if c in names
+                 and not pa.types.is_floating(schema.field(names.index(c)).type)]
+    if not_float:
+        report.warnings.append(f"targets that are not floating point: {_name_list(not_float)}")
+
+
+def _key_results(report: Report, ck: _KeyChecker, expected: dict, meta: dict | None) -> None:
+    key = report.key
+    report.key_nulls = ck.nulls
+    report.duplicate_keys = ck.duplicates
+    report.unordered_keys = ck.unordered
+    report.key_min = _iso(ck.min) if ck.min is not None else None
+    report.key_max = _iso(ck.max) if ck.max is not None else None
+    report.key_digest = ck.digest.hexdigest()
+    if ck.nulls:
+        report.hard_failures.append(f"{ck.nulls:,} NULL value(s) in key column {key!r}")
+    if ck.duplicates:
+        row, value = ck.first_duplicate
+        report.hard_failures.append(
+            f"{ck.duplicates:,} duplicate key(s) in {key!r}; first at row {row:,}: "
+            f"{_iso(value)}")
+    if ck.unordered:
+        row, prev, value = ck.first_unordered
+        report.hard_failures.append(
+            f"{ck.unordered:,} key(s) out of ascending order in {key!r}; first at row "
+            f"{row:,}: {_iso(value)} after {_iso(prev)}")
+    if report.spine_digest is not None:
+        want = report.spine_digest.strip().lower().zfill(8)
+        if report.key_digest != want:
+            report.hard_failures.append(
+                f"key digest {report.key_digest} != spine_digest {want}: the keys differ "
+                f"from the spine the file was built from")
+    if ck.outside_window:
+        w = report.window or {}
+        report.warnings.append(
+            f"{ck.outside_window:,} key(s) outside the window "
+            f"[{w.get('start')}, {w.get('end')})")
+    if ck.implausible:
+        report.warnings.append(f"{ck.implausible:,} key(s) before "
+                               f"{_PLAUSIBLE_KEY_START:%Y-%m-%d} (placeholder timestamps?)")
+
+
+def _aggregate(report: Report, names: list[str], layout: _Layout,
+               nulls: np.ndarray, infs: np.ndarray) -> None:
+    rows = report.rows
+    fams: dict[str, dict[str, Any]] = {}
+    # Targets first, then families in file order: the summary reads like the file.
+    order = [TARGETS_FAMILY] + [f for f in dict.fromkeys(layout.family_of)
+                                if f is not None and f != TARGETS_FAMILY]
+    for f in order:
+        fams[f] = {"tables": layout.family_tables.get(f), "columns": 0, "cells": 0,
+                   "nulls": 0, "null_rate": 0.0, "infinities": 0}
+    for pos, f in enumerate(layout.family_of):
+        if f is None:
+            continue
+        st = fams[f]
+        st["columns"] += 1
+        st["nulls"] += int(nulls[pos])
+        st["infinities"] += int(infs[pos])
+    for f, st in fams.items():
+        st["cells"] = st["columns"] * rows
+        st["null_rate"] = st["nulls"] / st["cells"] if st["cells"] else 0.0
+        if st["null_rate"] > NULL_WARN_RATE:
+            report.warnings.append(
+                f"family {f}: {100 * st['null_rate']:.2f}% NULL "
+                f"({st['nulls']:,} of {st['cells']:,} cells)")
+    if not fams[TARGETS_FAMILY]["columns"] and TARGETS_FAMILY not in layout.family_tables:
+        del fams[TARGETS_FAMILY]
+    report.families = fams
+
+    for t in layout.targets:
+        if t in names:
+            n = int(nulls[names.index(t)])
+            report.target_null_rates[t] = n / rows if rows else 0.0
+
+    total_inf = int(infs.sum())
+    report.infinities = {"total": total_inf,
+                         "by_family": {f: st["infinities"] for f, st in fams.items()}}
+    if total_inf:
+        report.warnings.append(f"{total_inf:,} infinite value(s) in float columns")
+
+    if layout.known:
+        per_table = [{"table": t["table"], "group": t["group"], "columns": 0, "nulls": 0,
+                      "null_rate": 0.0, "infinities": 0} for t in layout.tables]
+        for pos, ti in enumerate(layout.table_of):
+            if ti is not None:
+                per_table[ti]["columns"] += 1
+                per_table[ti]["nulls"] += int(nulls[pos])
+                per_table[ti]["infinities"] += int(infs[pos])
+        for st in per_table:
+            cells = st["columns"] * rows
+            st["null_rate"] = st["nulls"] / cells if cells else 0.0
+        report.tables = per_table
+
+    if rows:
+        report.all_null_columns = [c for pos, c in enumerate(names)
+                                   if c != layout.key and nulls[pos] == rows]
+        if report.all_null_columns:
+            report.warnings.append(
+                f"{len(report.all_null_columns):,} column(s) entirely NULL: "
+                f"{_name_list(report.all_null_columns)}")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _counts(items: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for x in items:
+        out[x] += 1
+    return out
+
+
+def _name_list(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_NAMES])
+    rest = len(names) - _MAX_NAMES
+    return shown + (f" and {rest:,} more (all in the JSON report)" if rest > 0 else "")
+
+
+def _micros(t: dt.datetime) -> int:
+    return (t - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+def _iso(micros: int) -> str:
+    return (_EPOCH + dt.timedelta(microseconds=int(micros))).isoformat()
+
+
+def _window_micros(window: dict | None) -> tuple[int, int] | None:
+    if not window:
+        return None
+    try:
+        start = dt.datetime.fromisoformat(str(window["start"]))
+        end = dt.datetime.fromisoformat(str(window["end"]))
+    except (KeyError, ValueError):
+        return None
+    if start.tzinfo is None or end.tzinfo is None:
+        return None
+    return _micros(start), _micros(end)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,} B" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def default_report_path(path: str | os.PathLike) -> str:
+    """``x/training_eurusd.parquet`` -> ``x/training_eurusd.validation.json``."""
+    path = os.fspath(path)
+    stem = path[:-len(".parquet")] if path.endswith(".parquet") else path
+    return stem + ".validation.json"
+
+
+# --------------------------------------------------------------------------- CLI
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point; returns 0 pass, 1 hard failure, 2 PipelineError."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.validate",
+        description="Validate a training parquet file and write a JSON report beside it.")
+    parser.add_argument("path", help="the training parquet file")
+    parser.add_argument("--report", help="where to write the JSON report "
+                                         "(default: <file without .parquet>.validation.json)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print only PASS/FAIL and the hard failures")
+    parser.add_argument("--columns-per-batch", type=int, default=DEFAULT_COLUMNS_PER_BATCH,
+                        help="columns decoded at once per row group (memory bound)")
+    args = parser.parse_args(argv)
+    report_path = args.report or default_report_path(args.path)
+    try:
+        report = validate_file(args.path, columns_per_batch=args.columns_per_batch)
+        print(report.verdict() if args.quiet else report.summary())
+        try:
+            report.write_json(report_path)
+        except OSError as e:
+            raise PipelineError(f"{report_path}: cannot write report: "
+                                f"{e.strerror or e}") from None
+        if not args.quiet:
+            print(f"report: {report_path}")
+    except PipelineError as e:
+        print(f"error: {_first_line(e)}", file=sys.stderr)
+        return 2
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
