@@ -23,7 +23,6 @@ import json
 import os
 import struct
 import sys
-import tempfile
 from collections import defaultdict
 from typing import Any, Iterable
 
@@ -147,27 +146,11 @@ class Report:
         return dataclasses.asdict(self)
 
     def write_json(self, path: str | os.PathLike) -> None:
-        """Write the report as JSON, atomically (temp file in the same dir + os.replace).
+        """Write the report as JSON, atomically: readers never see a half-written file."""
+        from pipelines import storage
 
-        Readers polling for the report never see a half-written file.
-        """
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                                   suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        body = json.dumps(self.to_dict(), indent=2) + "\n"
+        storage.write_bytes(os.fspath(path), body.encode("utf-8"))
 
     def summary(self) -> str:
         """A readable multi-line summary ending in PASS or FAIL (failures never cut)."""
