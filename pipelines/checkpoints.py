@@ -21,6 +21,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import os
 from typing import Any, Iterable
 
 import pyarrow as pa
@@ -38,6 +39,14 @@ FORMAT = 1
 # table small (one row group of each of ~667 tables) while staying efficient to scan.
 CHECKPOINT_ROW_GROUP = 8192
 CHECKPOINT_COMPRESSION = "snappy"
+
+
+def default_checkpoint_root() -> str:
+    """``gs://$GCS_CHECKPOINT_BUCKET/checkpoints`` if set, else ``$BQX_DATA_DIR/checkpoints``."""
+    bucket = os.environ.get("GCS_CHECKPOINT_BUCKET")
+    if bucket:
+        return bucket if bucket.startswith("gs://") else f"gs://{bucket}/checkpoints"
+    return os.path.join(os.environ.get("BQX_DATA_DIR", "data"), "checkpoints")
 
 
 def shard_path(root: str, spec_shared: bool, pair: str, table: str, shard: Window) -> str:
@@ -255,7 +264,7 @@ class Manifest:
 
 def relative(root: str, path: str) -> str:
     """``path`` relative to the checkpoint root (with '/' separators)."""
-    prefix = root.rstrip("/\\") + ("/" if storage.is_gcs(root) else __import__("os").sep)
+    prefix = root.rstrip("/\\") + ("/" if storage.is_gcs(root) else os.sep)
     if not path.startswith(prefix):
         raise ValueError(f"{path} is not under {root}")
     return path[len(prefix):].replace("\\", "/")

@@ -8,14 +8,6 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines.window import DEFAULT_SHARD_DAYS
 
 
-def default_checkpoint_root() -> str:
-    """``gs://$GCS_CHECKPOINT_BUCKET/checkpoints`` if set, else ``$BQX_DATA_DIR/checkpoints``."""
-    bucket = os.environ.get("GCS_CHECKPOINT_BUCKET")
-    if bucket:
-        return bucket if bucket.startswith("gs://") else f"gs://{bucket}/checkpoints"
-    return os.path.join(os.environ.get("BQX_DATA_DIR", "data"), "checkpoints")
-
-
 class ExtractOptions(PipelineOptions):
     """Options of ``python -m pipelines.extract``; Beam's own flags work alongside."""
 

@@ -11,7 +11,8 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from pipelines import checkpoints, cli, storage
 from pipelines.catalog import load_catalog
 from pipelines.errors import PipelineError
-from pipelines.extract.options import ExtractOptions, default_checkpoint_root
+from pipelines.checkpoints import default_checkpoint_root
+from pipelines.extract.options import ExtractOptions
 from pipelines.extract.plan import ExtractionPlan, make_plan
 from pipelines.extract.transforms import FAILED, ExtractShards
 from pipelines.extract.verify import ExtractionIncomplete, commit_manifest

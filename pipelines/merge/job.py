@@ -167,8 +167,6 @@ def _spine_keys(manifest: Manifest, spec) -> pa.Array:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Options of ``python -m pipelines.merge``; each has an environment default."""
-    from pipelines.extract.options import default_checkpoint_root
-
     p = argparse.ArgumentParser(prog="python -m pipelines.merge",
                                 description="Merge a pair's checkpoints into one training file.")
     p.add_argument("pair_arg", nargs="?", metavar="PAIR", help="the pair (or --pair / PAIR)")
@@ -193,7 +191,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m pipelines.merge``; returns the exit code."""
     from pipelines.catalog import load_catalog
-    from pipelines.extract.options import default_checkpoint_root
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cli.setup_logging(args.verbose)
@@ -201,7 +198,7 @@ def run(argv: list[str] | None = None) -> int:
     pair = catalog.check_pair(args.pair_arg or args.pair)
     joiner_class(args.method)
     memory_budget = budgets.parse_size(args.memory_budget)
-    root = storage.resolve_local(args.checkpoint_root or default_checkpoint_root())
+    root = storage.resolve_local(args.checkpoint_root or checkpoints.default_checkpoint_root())
     output = storage.resolve_local(args.output or default_output(pair))
     window = None
     if args.start_date or args.end_date:

@@ -1,0 +1,23 @@
+"""Entry point of the extract container: ``python -m launchers.extract_job [PAIR] [flags]``.
+
+Configured by the environment: PAIR (or CLOUD_RUN_TASK_INDEX + PAIRS),
+GCS_CHECKPOINT_BUCKET, EXTRACTION_WORKERS, BQX_SOURCE, START_DATE/END_DATE. Other
+flags go to ``pipelines.extract`` as they are (Beam flags included).
+"""
+import sys
+
+from launchers.job_env import flags, pair_for_task
+from pipelines.cli import run_main
+
+
+def main(argv=None) -> int:
+    """Run the extract job for this task's pair."""
+    from pipelines.extract.pipeline import run
+
+    argv = sys.argv[1:] if argv is None else argv
+    pair = pair_for_task(argv)
+    return run(["--pair", pair, *flags(argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

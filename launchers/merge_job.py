@@ -1,0 +1,22 @@
+"""Entry point of the merge container: ``python -m launchers.merge_job [PAIR] [flags]``.
+
+Configured by the environment: PAIR (or CLOUD_RUN_TASK_INDEX + PAIRS),
+GCS_CHECKPOINT_BUCKET, GCS_OUTPUT_BUCKET, MERGE_METHOD, MEMORY_BUDGET.
+"""
+import sys
+
+from launchers.job_env import flags, pair_for_task
+from pipelines.cli import run_main
+
+
+def main(argv=None) -> int:
+    """Run the merge job for this task's pair."""
+    from pipelines.merge.job import run
+
+    argv = sys.argv[1:] if argv is None else argv
+    pair = pair_for_task(argv)
+    return run(["--pair", pair, *flags(argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
