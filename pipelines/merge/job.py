@@ -15,7 +15,7 @@ from pipelines import checkpoints, cli, storage
 from pipelines.checkpoints import Manifest
 from pipelines.errors import PipelineError
 from pipelines.merge import budget as budgets
-from pipelines.merge.reader import TableCursor, int_keys
+from pipelines.merge.reader import DayCursor, plan_windows
 from pipelines.merge.writer import TrainingFileWriter
 from pipelines.validate import KeyDigest, default_report_path, validate_file
 from pipelines.window import parse_date, window_from_dates
@@ -120,27 +120,25 @@ def _merge_windows(manifest: Manifest, specs, schema: pa.Schema, path: str, join
     """Stream every window through the join into ``path``; return the spine digest."""
     key = manifest.key
     cursors = [
-        TableCursor(f"{s.dataset}.{s.table}", manifest.shard_files(entry),
-                    checkpoints.output_schema(s, key), rows_per_window)
+        DayCursor(f"{s.dataset}.{s.table}", manifest.shard_files(entry),
+                  checkpoints.output_schema(s, key))
         for s, entry in zip(specs, manifest.tables)
     ]
     spine_cursor, feature_cursors = cursors[0], cursors[1:]
-    digest = KeyDigest()
-    joiner = joiner_cls(key, schema, memory_budget, scratch)
-    # The digest goes in the footer, which is written last: compute it up front from the
-    # key column alone (a few MB even for the full history).
+    planner = DayCursor(spine_cursor.label, manifest.shard_files(manifest.targets), spine_cursor.schema)
+    windows = plan_windows(planner.day_rows(), rows_per_window)
+    # The digest goes in the footer; computing it first from the key column alone
+    # (a few MB even for the full history) lets the footer be written in one go.
     spine_keys = _spine_keys(manifest, specs[0])
-    digest.update(spine_keys)
+    digest = KeyDigest().update(spine_keys)
     writer = TrainingFileWriter(path, schema, file_metadata(manifest, len(spine_keys), digest.hexdigest()))
+    joiner = joiner_cls(key, schema, memory_budget, scratch)
     progress = cli.Progress("merge", len(spine_keys), "rows")
+    done = 0
     try:
-        done = 0
-        while True:
-            spine = spine_cursor.take(rows_per_window)
-            if spine.num_rows == 0:
-                break
-            last = int(int_keys(spine.column(0))[-1])
-            parts = [c.take_through(last) for c in feature_cursors]
+        for _first_day, last_day in windows:
+            spine = spine_cursor.read_through(last_day)
+            parts = (c.read_through(last_day) for c in feature_cursors)
             writer.write(joiner.join(spine, parts))
             done += spine.num_rows
             progress.update(done)
@@ -148,6 +146,8 @@ def _merge_windows(manifest: Manifest, specs, schema: pa.Schema, path: str, join
     finally:
         joiner.close()
         progress.close()
+        for cursor in cursors:
+            cursor.close()
     if done != len(spine_keys):
         raise PipelineError(f"spine of {manifest.pair} changed while merging "
                             f"({done} rows read, {len(spine_keys)} expected)")

@@ -1,12 +1,21 @@
 """The window join in Polars: LEFT JOIN of every table's rows onto the spine rows."""
 from __future__ import annotations
 
+from typing import Iterable
+
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from pipelines.merge.reader import int_keys
+
 
 class PolarsJoin:
-    """Joins one window at a time with Polars' hash join, keeping the spine's order."""
+    """Joins one window at a time with Polars' hash join, keeping the spine's order.
+
+    Tables arrive one by one and are dropped once joined, so a window costs its output
+    plus one table. A table whose keys are exactly the spine's needs no join at all.
+    """
 
     name = "polars"
 
@@ -14,17 +23,19 @@ class PolarsJoin:
         self.key = key
         self.schema = schema
 
-    def join(self, spine: pa.Table, parts: list[pa.Table]) -> pa.Table:
+    def join(self, spine: pa.Table, parts: Iterable[pa.Table]) -> pa.Table:
         """``spine`` (key + targets) with every part's columns LEFT JOINed on the key."""
-        left = pl.from_arrow(spine)
-        keys = left.select(self.key)
-        frames = [left]
+        spine_keys = int_keys(spine.column(0))
+        keys = pl.from_arrow(spine.select([self.key]))
+        columns = list(spine.columns)
         for part in parts:
-            right = pl.from_arrow(part)
-            joined = keys.join(right, on=self.key, how="left", maintain_order="left")
-            frames.append(joined.drop(self.key))
-        wide = pl.concat(frames, how="horizontal")
-        return wide.to_arrow().cast(self.schema)
+            if part.num_rows == len(spine_keys) and np.array_equal(int_keys(part.column(0)), spine_keys):
+                columns.extend(part.columns[1:])
+                continue
+            joined = keys.join(pl.from_arrow(part), on=self.key, how="left",
+                               maintain_order="left").drop(self.key)
+            columns.extend(joined.to_arrow().columns)
+        return pa.Table.from_arrays(columns, names=self.schema.names).cast(self.schema)
 
     def close(self) -> None:
         """Nothing to release."""
