@@ -1,0 +1,194 @@
+"""Bad input gets one clear error line naming the culprit, a non-zero exit, and leaves
+everything already written as it was."""
+import json
+import os
+import shutil
+
+import duckdb
+import pytest
+
+from conftest import PAIR, run_module
+from pipelines import checkpoints, storage
+
+
+def _error_line(proc):
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def _snapshot(root):
+    return {p: (storage.size(p), storage.crc32c(p)) for p in storage.list_files(root)}
+
+
+@pytest.fixture
+def ck(extracted, tmp_path):
+    """A private copy of the committed extraction to break."""
+    root = str(tmp_path / "ck")
+    shutil.copytree(extracted, root)
+    return root
+
+
+def _merge(root, out, *extra):
+    return run_module("pipelines.merge", "--pair", PAIR, "--checkpoint-root", root,
+                      "--output", out, *extra)
+
+
+@pytest.mark.parametrize("pair, expected", [
+    ("usdeur", "unknown pair 'usdeur'"),
+    ("eur/usd", "malformed pair"),
+    ("../../x", "malformed pair"),
+])
+def test_extract_refuses_bad_pairs(pair, expected, warehouse, tmp_path):
+    proc = run_module("pipelines.extract", "--pair", pair, "--source", f"duckdb://{warehouse}",
+                      "--checkpoint-root", str(tmp_path))
+    assert proc.returncode == 2
+    assert expected in _error_line(proc)
+    assert os.listdir(tmp_path) == []
+
+
+def test_extract_pair_without_targets(warehouse, tmp_path):
+    proc = run_module("pipelines.extract", "--pair", "audnzd", "--source", f"duckdb://{warehouse}",
+                      "--checkpoint-root", str(tmp_path))
+    assert proc.returncode == 2
+    assert "targets table bqx_ml_v3_analytics_v2.targets_audnzd not found" in _error_line(proc)
+
+
+def test_extract_missing_source(tmp_path):
+    proc = run_module("pipelines.extract", "--pair", PAIR, "--source",
+                      f"duckdb://{tmp_path}/nope.duckdb", "--checkpoint-root", str(tmp_path))
+    assert proc.returncode == 2
+    assert "nope.duckdb" in _error_line(proc)
+
+
+def test_duplicate_keys_with_error_policy(warehouse, tmp_path):
+    proc = run_module("pipelines.extract", "--pair", PAIR, "--source", f"duckdb://{warehouse}",
+                      "--checkpoint-root", str(tmp_path), "--shard-days", "1",
+                      "--on-duplicate-keys", "error")
+    assert proc.returncode == 2
+    line = _error_line(proc)
+    assert "duplicate interval_time" in line and "shard" in line
+    assert not checkpoints.find_windows(str(tmp_path), PAIR)
+
+
+def test_malformed_table_name_in_the_warehouse(warehouse, tmp_path):
+    bad = str(tmp_path / "bad.duckdb")
+    shutil.copy(warehouse, bad)
+    con = duckdb.connect(bad)
+    con.execute('CREATE TABLE bqx_ml_v3_features_v2."reg_eurusd_x`; DROP TABLE y" '
+                "AS SELECT TIMESTAMPTZ '2025-01-06 00:00:00+00' AS interval_time, 1.0 AS a")
+    con.close()
+    proc = run_module("pipelines.extract", "--pair", PAIR, "--source", f"duckdb://{bad}",
+                      "--checkpoint-root", str(tmp_path / "ck"))
+    assert proc.returncode == 2
+    assert "malformed name 'reg_eurusd_x`; DROP TABLE y'" in _error_line(proc)
+
+
+def test_column_type_changed_since_discovery_is_redone_not_mixed(warehouse, extracted, tmp_path):
+    """A column whose type changes in the source gives new checkpoints for that table
+    (the fingerprint covers the schema), never a mix of old and new shards."""
+    changed = str(tmp_path / "changed.duckdb")
+    shutil.copy(warehouse, changed)
+    root = str(tmp_path / "ck")
+    shutil.copytree(extracted, root)
+    con = duckdb.connect(changed)
+    table, column = con.execute(
+        "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = "
+        "'bqx_ml_v3_features_v2' AND table_name LIKE '%eurusd' AND data_type = 'DOUBLE' "
+        "ORDER BY 1, 2 LIMIT 1").fetchone()
+    con.execute(f'ALTER TABLE bqx_ml_v3_features_v2."{table}" ALTER "{column}" TYPE VARCHAR')
+    con.close()
+    proc = run_module("pipelines.extract", "--pair", PAIR, "--source", f"duckdb://{changed}",
+                      "--checkpoint-root", root, "--shard-days", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "to_do=2" in proc.stderr
+    manifest = checkpoints.load_manifest(root, PAIR)
+    entry = next(t for t in manifest.tables if t["table"] == table)
+    assert [c[2] for c in entry["columns"] if c[0] == column] == ["STRING"]
+
+
+def test_merge_without_extraction(tmp_path):
+    proc = _merge(str(tmp_path), str(tmp_path / "o.parquet"))
+    assert proc.returncode == 2
+    assert "no committed extraction of pair 'eurusd'" in _error_line(proc)
+
+
+def test_merge_of_incomplete_extraction(ck, tmp_path):
+    window = checkpoints.find_windows(ck, PAIR)[0]
+    os.unlink(checkpoints.success_path(ck, PAIR, window))
+    proc = _merge(ck, str(tmp_path / "o.parquet"), "--start-date", window.start.date().isoformat(),
+                  "--end-date", (window.end.date().fromordinal(window.end.date().toordinal() - 1)).isoformat())
+    assert proc.returncode == 2
+    assert "extraction incomplete" in _error_line(proc)
+
+
+def _first_feature_shard(root):
+    manifest = checkpoints.load_manifest(root, PAIR)
+    return manifest.shard_files(manifest.tables[1])[0]
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("delete", "checkpoint missing"),
+    ("truncate", "bytes, its record says"),
+    ("flip", "is corrupt: CRC32C"),
+])
+def test_merge_refuses_damaged_checkpoints(ck, tmp_path, damage, expected):
+    shard = _first_feature_shard(ck)
+    if damage == "delete":
+        os.unlink(shard)
+    elif damage == "truncate":
+        os.truncate(shard, storage.size(shard) - 100)
+    else:
+        with open(shard, "r+b") as fh:
+            fh.seek(storage.size(shard) // 2)
+            fh.write(b"\xde\xad\xbe\xef")
+    out = str(tmp_path / "o.parquet")
+    proc = _merge(ck, out)
+    assert proc.returncode == 2
+    line = _error_line(proc)
+    assert expected in line and os.path.basename(shard) in line
+    assert os.listdir(tmp_path / "ck") and not os.path.exists(out)
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".o.parquet")] == []
+
+
+def test_merge_refuses_schema_drift_even_with_a_forged_record(ck, tmp_path):
+    """A shard replaced by one of another schema, with its record edited to match."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shard = _first_feature_shard(ck)
+    table = pq.read_table(shard)
+    drifted = table.set_column(1, table.schema.names[1], pa.array(["x"] * table.num_rows))
+    nbytes, crc = checkpoints.write_shard(drifted, shard)
+    record = json.load(open(checkpoints.record_path(shard)))
+    record.update(bytes=nbytes, crc32c=crc)
+    manifest_file = checkpoints.manifest_path(ck, PAIR, checkpoints.find_windows(ck, PAIR)[0])
+    manifest = json.load(open(manifest_file))
+    for t in manifest["tables"]:
+        for s in t["shards"]:
+            if ck + "/" + s["path"] == shard:
+                s.update(bytes=nbytes, crc32c=crc)
+    storage.write_bytes(manifest_file, json.dumps(manifest).encode())
+    proc = _merge(ck, str(tmp_path / "o.parquet"))
+    assert proc.returncode == 2
+    line = _error_line(proc)
+    assert "schema drift" in line and "is string, expected double" in line
+
+
+def test_merge_does_not_overwrite_without_flag(extracted, tmp_path):
+    out = tmp_path / "o.parquet"
+    out.write_bytes(b"precious")
+    proc = _merge(extracted, str(out))
+    assert proc.returncode == 2
+    assert "already exists; pass --overwrite" in _error_line(proc)
+    assert out.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--method", "pandas"], "unknown merge method 'pandas'"),
+    (["--memory-budget", "lots"], "--memory-budget 'lots'"),
+])
+def test_merge_bad_options(extracted, tmp_path, args, expected):
+    proc = _merge(extracted, str(tmp_path / "o.parquet"), *args)
+    assert proc.returncode == 2
+    assert expected in _error_line(proc)
