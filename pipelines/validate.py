@@ -163,7 +163,8 @@ class Report:
             window = ""
             if self.window:
                 window = f", window {self.window.get('start')} .. {self.window.get('end')}"
-            lines.append(f"  pair {self.pair}, method {self.method}{window}")
+            method = f", method {self.method}" if self.method else ""
+            lines.append(f"  pair {self.pair}{method}{window}")
         else:
             lines.append("  layout unknown (no bqx.training metadata)")
         if self.key_min is not None:

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench.merge --rows 20000`` (see bench/merge.py)."""

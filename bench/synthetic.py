@@ -1,0 +1,93 @@
+"""A full-width pair straight in checkpoint form, at any row count.
+
+The tables and columns are the sample warehouse's (all 667 tables of the pair, found by
+the pipeline's own discovery on a one-day warehouse); the values are generated here with
+numpy, so 100,000 rows take seconds per table instead of a full extraction. Floats are
+random normals (they barely compress: a pessimistic case for file sizes), some tables
+miss 8% of the keys, and the checkpoints are written by the pipeline's own writer.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines import checkpoints, storage
+from pipelines.catalog import load_catalog
+from pipelines.extract.plan import discover
+from pipelines.sources import DuckDBSource
+from pipelines.window import UTC, shards, window_from_dates
+
+START = dt.datetime(2025, 1, 6, tzinfo=UTC)
+MINUTE_US = 60_000_000
+
+
+def table_specs(pair: str):
+    """The pair's tables as the extract job would discover them in the sample warehouse."""
+    from pipelines.sample import build_warehouse
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "layout.duckdb")
+        build_warehouse(path, [pair], rows=10, seed=0, log=lambda *a, **k: None)
+        source = DuckDBSource(path)
+        try:
+            return discover(source, load_catalog(), pair)
+        finally:
+            source.close()
+
+
+def _column(rng: np.random.Generator, arrow_type: pa.DataType, n: int) -> pa.Array:
+    if pa.types.is_floating(arrow_type):
+        values = rng.standard_normal(n)
+        mask = np.zeros(n, dtype=bool)
+        if n > 100 and rng.random() < 0.2:  # a NULL run
+            a = int(rng.integers(0, n - 50))
+            mask[a: a + 50] = True
+        return pa.array(values, mask=mask)
+    if pa.types.is_integer(arrow_type):
+        return pa.array(rng.integers(0, 1000, n), pa.int64())
+    if pa.types.is_boolean(arrow_type):
+        return pa.array(rng.random(n) < 0.5)
+    return pa.array(np.array(["lo", "mid", "hi"])[rng.integers(0, 3, n)], pa.string())
+
+
+def make_checkpoints(root: str, pair: str, rows: int, seed: int = 0, log=print) -> checkpoints.Manifest:
+    """Write a committed extraction of ``pair`` with ``rows`` spine rows under ``root``."""
+    specs = table_specs(pair)
+    days = (rows + 1439) // 1440
+    window = window_from_dates(START.date(), (START + dt.timedelta(days=days - 1)).date())
+    parts = shards(window)
+    base = int(START.timestamp() * 1_000_000)
+    all_keys = base + np.arange(rows, dtype=np.int64) * MINUTE_US
+    rng = np.random.default_rng(seed)
+    entries = []
+    for n, spec in enumerate(specs):
+        schema = checkpoints.output_schema(spec, "interval_time")
+        keys = all_keys if spec.group == "targets" or n % 4 else all_keys[rng.random(rows) > 0.08]
+        records = []
+        for shard in parts:
+            lo = int(shard.start.timestamp() * 1_000_000)
+            hi = int(shard.end.timestamp() * 1_000_000)
+            k = keys[(keys >= lo) & (keys < hi)]
+            arrays = [pa.array(k).cast(schema.field(0).type)]
+            arrays += [_column(rng, f.type, len(k)) for f in list(schema)[1:]]
+            table = pa.Table.from_arrays(arrays, schema=schema)
+            path = checkpoints.shard_path(root, spec.shared, pair, spec.table, shard)
+            nbytes, crc = checkpoints.write_shard(table, path)
+            records.append({"rows": len(k), "source_rows": len(k), "source_keys": len(k),
+                            "duplicates_dropped": 0, "bad_keys_dropped": 0, "bytes": nbytes,
+                            "crc32c": crc, "path": checkpoints.relative(root, path)})
+        entry = checkpoints.spec_to_json(spec)
+        entry.update(shards=records, rows=sum(r["rows"] for r in records))
+        entries.append(entry)
+        if n % 100 == 0:
+            log(f"  synthetic checkpoints: {n + 1}/{len(specs)} tables")
+    manifest = checkpoints.Manifest(pair, window, "interval_time", root, entries, source="synthetic")
+    storage.write_bytes(checkpoints.manifest_path(root, pair, window),
+                        json.dumps(manifest.to_json(), sort_keys=True).encode())
+    storage.write_bytes(checkpoints.success_path(root, pair, window), b"{}")
+    return manifest
