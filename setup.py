@@ -18,7 +18,16 @@ COMMON = [
 ]
 EXTRACT = ["apache-beam[gcp]==2.77.0"]
 MERGE = ["polars==2.1.0"]
-TEST = ["pytest>=9,<10", "hypothesis>=6.100,<7"]
+TEST = [
+    "pytest>=9,<10",
+    "hypothesis>=6.100,<7",
+    # Local emulators of GCS and BigQuery that the cloud tests start (tests/emulators.py);
+    # bqemulator runs on DuckDB and needs its spatial extension, installed offline here.
+    "gcp-storage-emulator==2026.7.19",
+    "bqemulator==1.4.0",
+    "duckdb-extension-spatial==1.5.5",
+    "duckdb-extensions==1.5.5",
+]
 
 setup(
     name="bqx-pipelines",
