@@ -21,6 +21,7 @@ MERGE = ["polars==2.1.0"]
 TEST = [
     "pytest>=9,<10",
     "hypothesis>=6.100,<7",
+    "pyyaml>=6,<7",
     # Local emulators of GCS and BigQuery that the cloud tests start (tests/emulators.py);
     # bqemulator runs on DuckDB and needs its spatial extension, installed offline here.
     "gcp-storage-emulator==2026.7.19",

@@ -1,14 +1,20 @@
-"""``python -m bench.merge --rows 20000 [--rows 100000] [--methods polars,duckdb]``
+"""``python -m bench.merge --rows 10000 --rows 20000 [--runs ...] [--report BENCHMARKS.md]``
 
-For each row count: writes a full-width synthetic pair in checkpoint form (all 667
-tables, ~17,000 columns; see bench/synthetic.py), then runs ``python -m pipelines.merge``
-once per method, each in its own process, and prints wall time and the peak RSS the
-operating system measured for that process (getrusage of the child). Data goes under
-``--work`` (default a temporary folder) and is removed afterwards unless ``--keep``.
+For each row count, writes a full-width synthetic pair in checkpoint form (all 667
+tables, ~17,000 columns; see bench/synthetic.py), then runs, each in its own process:
+the project's merge methods (``polars``, ``duckdb``) and the anchors of bench/anchors.py
+(``floor``, ``polars_eager``, ``polars_lazy``, ``duckdb_one_plan``). For each run it
+records the wall time and the peak RSS the operating system measured for that process
+(getrusage of the child); a run is killed at ``--cap-seconds`` or when its RSS passes
+``--cap-rss``. Prints a table per size with ratios to the floor, and with ``--report``
+writes a Markdown report (plus a PNG chart next to it when matplotlib is installed).
+Data goes under ``--work`` (default a temporary folder), removed afterwards unless
+``--keep``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
@@ -18,86 +24,183 @@ import sys
 import tempfile
 import time
 
+METHODS = ("polars", "duckdb")
+ANCHORS = ("floor", "polars_eager", "polars_lazy", "duckdb_one_plan")
 
-def run_measured(cmd: list[str], timeout: float) -> tuple[int, float, int]:
-    """Run ``cmd``; return (exit code, wall seconds, peak RSS bytes) of that process."""
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_measured(cmd: list[str], cap_seconds: float, cap_rss: int) -> dict:
+    """Run ``cmd`` (from a fresh process: RUSAGE_CHILDREN then covers only it); return
+    its exit code, wall seconds, peak RSS and whether a cap killed it."""
     started = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        return -9, time.monotonic() - started, 0
+    killed = None
+    while proc.poll() is None:
+        if time.monotonic() - started > cap_seconds:
+            killed = f"killed at {cap_seconds:.0f} s"
+        elif _rss(proc.pid) > cap_rss:
+            killed = f"killed at {cap_rss / 2**30:.0f} GiB"
+        if killed:
+            proc.kill()
+            break
+        time.sleep(0.2)
+    err = proc.communicate()[1]
     wall = time.monotonic() - started
-    # wait4 already reaped it through communicate(); RUSAGE_CHILDREN is the max over
-    # children so far, so every command runs in a fresh interpreter below.
-    if proc.returncode != 0:
-        sys.stderr.write(err[-2000:])
-    return proc.returncode, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return {"code": proc.returncode, "wall": wall, "rss": peak, "killed": killed,
+            "error": "" if proc.returncode == 0 or killed else err.strip().splitlines()[-1:]}
+
+
+def _isolated(cmd: list[str], cap_seconds: float, cap_rss: int) -> dict:
+    probe = [sys.executable, "-c",
+             "import sys, json; from bench.merge import run_measured; "
+             "print(json.dumps(run_measured(json.loads(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]))))",
+             json.dumps(cmd), str(cap_seconds), str(cap_rss)]
+    out = subprocess.run(probe, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"code": out.returncode, "wall": 0.0, "rss": 0, "killed": None, "error": out.stderr[-500:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def command_for(run: str, root: str, pair: str, out: str, budget: str | None) -> list[str]:
+    """The command line of one run."""
+    if run in METHODS:
+        cmd = [sys.executable, "-m", "pipelines.merge", "--pair", pair, "--method", run,
+               "--checkpoint-root", root, "--output", out, "--overwrite"]
+        return cmd + (["--memory-budget", budget] if budget else [])
+    return [sys.executable, "-m", "bench.anchors", run, root, pair, out]
 
 
 def main(argv=None) -> int:
-    """Run the benchmark and print a table."""
+    """Run the benchmark; print the figures; optionally write the report."""
     p = argparse.ArgumentParser(prog="python -m bench.merge", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, action="append", help="spine rows (repeatable)")
-    p.add_argument("--methods", default="polars,duckdb")
+    p.add_argument("--rows", type=int, action="append", help="spine rows (repeatable); default 20000")
+    p.add_argument("--runs", default="floor,polars,duckdb",
+                   help=f"comma list of {', '.join(METHODS + ANCHORS)}")
     p.add_argument("--pair", default="eurusd")
     p.add_argument("--memory-budget", default=None, help="passed to the merge (default: its own)")
+    p.add_argument("--cap-seconds", type=float, default=900)
+    p.add_argument("--cap-rss", default="20GiB")
     p.add_argument("--work", default=None, help="folder for the data (default: a temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the generated data")
-    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--report", default=None, help="write a Markdown report here (and a PNG beside it)")
     args = p.parse_args(argv)
+    from pipelines.merge.budget import parse_size
+
+    cap_rss = parse_size(args.cap_rss)
     sizes = args.rows or [20000]
+    runs = [r for r in args.runs.split(",") if r]
+    unknown = set(runs) - set(METHODS + ANCHORS)
+    if unknown:
+        p.error(f"unknown runs: {', '.join(sorted(unknown))}")
     work = args.work or tempfile.mkdtemp(prefix="bqx-bench-")
-    print(f"machine: {platform.platform()}, {os.cpu_count()} cores, python {platform.python_version()}")
-    print(f"command: python -m bench.merge {' '.join(sys.argv[1:] if argv is None else argv)}")
-    print(f"{'rows':>8} {'method':>8} {'columns':>8} {'wall s':>8} {'peak RSS GiB':>13} {'file GiB':>9}  result")
+    command = "python -m bench.merge " + " ".join(sys.argv[1:] if argv is None else argv)
+    machine = f"{platform.platform()}, {os.cpu_count()} cores, {_memory()} RAM, Python {platform.python_version()}"
+    print(f"machine: {machine}\ncommand: {command}", flush=True)
+    results = []
     try:
         for rows in sizes:
             root = os.path.join(work, f"ck{rows}")
             if not os.path.isdir(root):
                 from bench.synthetic import make_checkpoints
+                started = time.monotonic()
                 make_checkpoints(root, args.pair, rows, log=lambda *a: None)
-            for method in args.methods.split(","):
-                out = os.path.join(work, f"out{rows}_{method}.parquet")
-                cmd = [sys.executable, "-m", "pipelines.merge", "--pair", args.pair, "--method", method,
-                       "--checkpoint-root", root, "--output", out, "--overwrite"]
-                if args.memory_budget:
-                    cmd += ["--memory-budget", args.memory_budget]
-                # A fresh launcher process per run, so RUSAGE_CHILDREN is this run's peak.
-                code, wall, rss = _isolated(cmd, args.timeout)
-                size = os.path.getsize(out) / 2**30 if os.path.exists(out) else float("nan")
-                columns = _columns(out)
-                print(f"{rows:>8} {method:>8} {columns:>8} {wall:>8.1f} {rss / 2**30:>13.2f} {size:>9.2f}  "
-                      f"{'ok' if code == 0 else f'exit {code}'}", flush=True)
+                print(f"\n{rows} rows: synthetic checkpoints in {time.monotonic() - started:.0f} s, "
+                      f"{_du(root) / 2**30:.2f} GiB on disk", flush=True)
+            print(f"{'run':>16} {'wall s':>8} {'x floor':>8} {'peak RSS GiB':>13} {'file GiB':>9}  result", flush=True)
+            floor_wall = None
+            for run in runs:
+                out = os.path.join(work, f"out{rows}_{run}.parquet")
+                r = _isolated(command_for(run, root, args.pair, out, args.memory_budget),
+                              args.cap_seconds, cap_rss)
+                r.update(rows=rows, run=run, file=os.path.getsize(out) if os.path.exists(out) else None)
+                if run == "floor" and r["code"] == 0:
+                    floor_wall = r["wall"]
+                r["ratio"] = r["wall"] / floor_wall if floor_wall and r["code"] == 0 else None
+                results.append(r)
+                print(_row(r), flush=True)
                 if os.path.exists(out):
                     os.unlink(out)
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
     finally:
         if not args.keep and not args.work:
             shutil.rmtree(work, ignore_errors=True)
+    if args.report:
+        write_report(args.report, results, machine, command)
     return 0
 
 
-def _columns(path: str) -> int:
-    if not os.path.exists(path):
-        return 0
-    import pyarrow.parquet as pq
-    return pq.read_metadata(path).num_columns
+def _row(r: dict) -> str:
+    ratio = f"{r['ratio']:.2f}" if r.get("ratio") else "-"
+    size = f"{r['file'] / 2**30:.2f}" if r.get("file") else "-"
+    result = "ok" if r["code"] == 0 else (r["killed"] or f"exit {r['code']} {r['error']}")
+    return f"{r['run']:>16} {r['wall']:>8.1f} {ratio:>8} {r['rss'] / 2**30:>13.2f} {size:>9}  {result}"
 
 
-def _isolated(cmd: list[str], timeout: float) -> tuple[int, float, int]:
-    """Measure ``cmd`` from a fresh Python process, so earlier runs don't count."""
-    probe = [sys.executable, "-c",
-             "import sys, json; from bench.merge import run_measured; "
-             "print(json.dumps(run_measured(json.loads(sys.argv[1]), float(sys.argv[2]))))",
-             __import__("json").dumps(cmd), str(timeout)]
-    out = subprocess.run(probe, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.stderr.write(out.stderr)
-        return out.returncode, 0.0, 0
-    return tuple(__import__("json").loads(out.stdout.strip().splitlines()[-1]))
+def _memory() -> str:
+    try:
+        with open("/proc/meminfo") as fh:
+            return f"{int(fh.readline().split()[1]) / 2**20:.0f} GiB"
+    except OSError:
+        return "?"
+
+
+def _du(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def write_report(path: str, results: list[dict], machine: str, command: str) -> None:
+    """Markdown tables per size, and a chart of time and peak memory against rows."""
+    lines = ["# Merge benchmarks", "", f"Machine: {machine}.", "", f"Command: `{command}`", "",
+             "Each run is its own process; peak RSS is the operating system's figure for it "
+             "(getrusage). `x floor` is wall time over the floor's (read every checkpoint + "
+             "write one file of the output's shape with Polars, no join). Data: a full-width "
+             "synthetic pair (bench/synthetic.py: the sample's 667 tables, random values).", ""]
+    for rows in sorted({r["rows"] for r in results}):
+        lines += [f"## {rows:,} rows", "", "| run | wall s | x floor | peak RSS GiB | file GiB | result |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for r in (r for r in results if r["rows"] == rows):
+            cells = _row(r).split(None, 5)
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    chart = os.path.splitext(path)[0] + ".png"
+    if _chart(chart, results):
+        lines += [f"![time and peak memory against rows]({os.path.basename(chart)})", ""]
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines))
+
+
+def _chart(path: str, results: list[dict]) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in dict.fromkeys(r["run"] for r in results):
+        pts = [r for r in results if r["run"] == run and r["code"] == 0]
+        if pts:
+            a.plot([r["rows"] for r in pts], [r["wall"] for r in pts], marker="o", label=run)
+            b.plot([r["rows"] for r in pts], [r["rss"] / 2**30 for r in pts], marker="o", label=run)
+    a.set(xlabel="rows", ylabel="wall seconds", title="time")
+    b.set(xlabel="rows", ylabel="peak RSS GiB", title="peak memory")
+    a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
 
 
 if __name__ == "__main__":
