@@ -10,7 +10,7 @@ COMMON = [
     "pyarrow==25.0.1",
     "numpy>=2.0,<3",
     "duckdb==1.5.5",
-    "sqlglot==30.11.0",  # bqemulator (tests) needs <30.12
+    "sqlglot[c]==30.11.0",  # compiled parser; bqemulator (tests) needs <30.12
     "google-cloud-bigquery==3.47.0",
     "google-cloud-bigquery-storage==2.43.0",
     "google-cloud-storage==3.17.1",

@@ -361,7 +361,8 @@ def _verify_shard(path: str, shard: dict[str, Any], expected: pa.Schema,
         return [f"checkpoint {path} is corrupt: CRC32C {storage.crc32c(path)} differs "
                 f"from the recorded {shard['crc32c']}"]
     try:
-        meta = pq.read_metadata(storage.local_path(path))
+        with storage.open_input(path) as source:
+            meta = pq.read_metadata(source)
         schema = meta.schema.to_arrow_schema()
     except Exception as exc:  # pyarrow raises several types for broken footers
         return [f"checkpoint {path} is not readable parquet: {exc}"]

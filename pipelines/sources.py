@@ -1,13 +1,16 @@
-"""Sources of feature tables: the embedded DuckDB warehouse (and BigQuery in the cloud).
+"""Sources of feature tables: the embedded DuckDB warehouse and BigQuery.
 
 A source answers three things: the columns of every table of a dataset (from
 INFORMATION_SCHEMA), a GoogleSQL query as an Arrow table, and a GoogleSQL query as rows.
-The DuckDB source translates GoogleSQL with :func:`pipelines.sql.to_duckdb`.
+The DuckDB source translates GoogleSQL with :func:`pipelines.sql.to_duckdb`; the
+BigQuery source runs it as it is and reads bulk results through the Storage Read API.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import uuid
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -15,6 +18,10 @@ import pyarrow as pa
 from pipelines.errors import PipelineError
 
 DEFAULT_DATA_DIR = "data"
+DEFAULT_SCRATCH_DATASET = "bqx_extract_scratch"
+SCRATCH_HOURS = 6  # scratch result tables expire on their own after this
+
+log = logging.getLogger(__name__)
 
 
 def default_warehouse_path() -> str:
@@ -103,12 +110,225 @@ class DuckDBSource:
         self._con.close()
 
 
+class BigQuerySource:
+    """BigQuery datasets of one project (``bigquery://PROJECT``).
+
+    Small results (counts, key ranges, INFORMATION_SCHEMA) come back as REST rows. A
+    shard's rows are written by the query into a scratch table (dataset
+    ``$BQX_SCRATCH_DATASET``, default ``bqx_extract_scratch``, in the source's location,
+    created if missing; every table expires after a few hours and is deleted right after
+    reading, also on failure) and read as Arrow through the BigQuery Storage Read API.
+
+    ``BQX_BIGQUERY_ENDPOINT`` (REST, e.g. ``http://127.0.0.1:9050``) and
+    ``BQX_BIGQUERY_GRPC`` (Storage Read API, ``host:port``, plaintext) point both clients
+    at an emulator with anonymous credentials; without them the default credentials and
+    Google endpoints are used. One instance per thread (Beam: one per DoFn ``setup()``).
+    """
+
+    def __init__(self, project: str, scratch_dataset: str | None = None,
+                 location: str | None = None):
+        if not project:
+            raise PipelineError("bigquery:// source needs a project: bigquery://PROJECT")
+        self.project = project
+        self.url = f"bigquery://{project}"
+        # Given in the URL (bigquery://P?scratch_dataset=D&location=L) they reach Dataflow
+        # workers too, which do not see the launcher's environment.
+        self.scratch_dataset = (scratch_dataset or os.environ.get("BQX_SCRATCH_DATASET")
+                                or DEFAULT_SCRATCH_DATASET)
+        self.location = location or os.environ.get("BQX_BIGQUERY_LOCATION") or None
+        self._endpoint = os.environ.get("BQX_BIGQUERY_ENDPOINT") or None
+        self._grpc = os.environ.get("BQX_BIGQUERY_GRPC") or None
+        if self._endpoint and not self._grpc:
+            raise PipelineError("BQX_BIGQUERY_ENDPOINT is set but BQX_BIGQUERY_GRPC (the "
+                                "Storage Read API address, host:port) is not")
+        self._client = self._make_client()
+        self._read_client = None
+        self._locations: dict[tuple[str, str], str] = {}
+        self._scratch_ready: set[str] = set()
+
+    # ------------------------------------------------------------------ clients
+    def _make_client(self):
+        from google.cloud import bigquery
+
+        if self._endpoint:
+            from google.auth.credentials import AnonymousCredentials
+
+            return bigquery.Client(project=self.project, credentials=AnonymousCredentials(),
+                                   client_options={"api_endpoint": self._endpoint})
+        from google.auth import exceptions as auth_errors
+
+        try:
+            return bigquery.Client(project=self.project)
+        except auth_errors.GoogleAuthError as exc:
+            raise PipelineError(f"source {self.url}: no Google credentials for BigQuery "
+                                f"({exc})") from None
+
+    def _reader(self):
+        if self._read_client is None:
+            from google.cloud.bigquery_storage_v1 import BigQueryReadClient
+
+            if self._grpc:
+                import grpc
+                from google.cloud.bigquery_storage_v1.services.big_query_read.transports import (
+                    BigQueryReadGrpcTransport)
+
+                channel = grpc.insecure_channel(self._grpc)
+                self._read_client = BigQueryReadClient(
+                    transport=BigQueryReadGrpcTransport(channel=channel))
+            else:
+                self._read_client = BigQueryReadClient()
+        return self._read_client
+
+    # ------------------------------------------------------------------ interface
+    def table_columns(self, dataset: str) -> dict[str, list[tuple[str, str]]]:
+        from pipelines.sql import quote_all
+
+        project, ds = quote_all([self.project, dataset])
+        rows = self.query_rows(
+            f"SELECT table_name, column_name, data_type FROM {project}.{ds}"
+            ".INFORMATION_SCHEMA.COLUMNS ORDER BY table_name, ordinal_position",
+            what=f"listing the columns of dataset {self.project}.{dataset}")
+        out: dict[str, list[tuple[str, str]]] = {}
+        for row in rows:
+            out.setdefault(row["table_name"], []).append((row["column_name"], row["data_type"]))
+        return out
+
+    def query_rows(self, googlesql: str, what: str | None = None) -> list[dict[str, Any]]:
+        from google.api_core import exceptions
+
+        try:
+            job = self._client.query(googlesql)
+            return [dict(row.items()) for row in job.result()]
+        except exceptions.GoogleAPIError as exc:
+            raise self._error(exc, googlesql, what) from None
+
+    def query_arrow(self, googlesql: str) -> pa.Table:
+        from google.api_core import exceptions
+
+        tables = _tables_of(googlesql, self.project)
+        try:
+            location = self._location(tables)
+            dataset = self._scratch(location)
+            stem = "_".join(t[2] for t in tables[:1]) or "query"
+            name = f"{stem[:900]}_{uuid.uuid4().hex[:16]}"
+            target = f"`{self.project}`.`{dataset}`.`{name}`"
+            ddl = (f"CREATE TABLE {target} OPTIONS(expiration_timestamp = TIMESTAMP_ADD("
+                   f"CURRENT_TIMESTAMP(), INTERVAL {SCRATCH_HOURS} HOUR)) AS\n{googlesql}")
+        except exceptions.GoogleAPIError as exc:
+            raise self._error(exc, googlesql, None) from None
+        try:
+            self._client.query(ddl, location=location).result()
+            return self._read_table(dataset, name)
+        except exceptions.GoogleAPIError as exc:
+            raise self._error(exc, googlesql, None) from None
+        finally:
+            try:
+                self._client.delete_table(f"{self.project}.{dataset}.{name}", not_found_ok=True)
+            except exceptions.GoogleAPIError as exc:  # it expires anyway
+                log.warning("could not delete scratch table %s.%s: %s", dataset, name, exc)
+
+    def close(self) -> None:
+        self._client.close()
+        if self._read_client is not None:
+            self._read_client.transport.close()
+
+    # ------------------------------------------------------------------ helpers
+    def _read_table(self, dataset: str, table: str) -> pa.Table:
+        """A whole table as Arrow through the Storage Read API (one stream)."""
+        from google.cloud.bigquery_storage_v1 import types
+
+        reader = self._reader()
+        session = reader.create_read_session(
+            parent=f"projects/{self.project}",
+            read_session=types.ReadSession(
+                table=f"projects/{self.project}/datasets/{dataset}/tables/{table}",
+                data_format=types.DataFormat.ARROW),
+            max_stream_count=1)
+        schema = pa.ipc.read_schema(pa.py_buffer(session.arrow_schema.serialized_schema))
+        batches = []
+        for stream in session.streams:
+            # The stream object resumes from its offset on transient errors by itself.
+            for response in reader.read_rows(stream.name):
+                data = response.arrow_record_batch.serialized_record_batch
+                if data:
+                    batches.append(pa.ipc.read_record_batch(pa.py_buffer(data), schema))
+        result = pa.Table.from_batches(batches, schema=schema)
+        # Drop server field metadata; names and types are what the query gave.
+        clean = pa.schema([f.remove_metadata() for f in schema])
+        return pa.Table.from_arrays(result.columns, schema=clean)
+
+    def _location(self, tables: list[tuple[str, str, str]]) -> str | None:
+        """Where the query runs: the configured location or its first dataset's."""
+        fixed = self.location
+        if fixed or not tables:
+            return fixed or None
+        project, dataset = tables[0][0], tables[0][1]
+        if (project, dataset) not in self._locations:
+            self._locations[(project, dataset)] = self._client.get_dataset(
+                f"{project}.{dataset}").location
+        return self._locations[(project, dataset)]
+
+    def _scratch(self, location: str | None) -> str:
+        """The scratch dataset (created if missing) in ``location``."""
+        from google.cloud import bigquery
+
+        dataset = self.scratch_dataset
+        if dataset in self._scratch_ready:
+            return dataset
+        spec = bigquery.Dataset(f"{self.project}.{dataset}")
+        spec.location = location
+        spec.default_table_expiration_ms = SCRATCH_HOURS * 3600 * 1000
+        spec.description = "Temporary query results of the BQX extract job (expire on their own)"
+        found = self._client.create_dataset(spec, exists_ok=True)
+        if location and found.location and found.location.lower() != location.lower():
+            raise PipelineError(
+                f"scratch dataset {self.project}.{dataset} is in {found.location}, the source "
+                f"tables in {location}; set BQX_SCRATCH_DATASET to a dataset in {location}")
+        self._scratch_ready.add(dataset)
+        return dataset
+
+    def _error(self, exc: Exception, googlesql: str, what: str | None) -> PipelineError:
+        tables = _tables_of(googlesql, self.project)
+        if what is None:
+            what = ("query on table " + ", ".join(".".join(t) for t in tables)) if tables else "query"
+        return PipelineError(f"BigQuery {what} failed ({self.url}): {exc}")
+
+
+def _tables_of(googlesql: str, project: str) -> list[tuple[str, str, str]]:
+    """(project, dataset, table) of every table a query reads, in order of appearance."""
+    import sqlglot
+    from sqlglot import exp
+
+    try:
+        tree = sqlglot.parse_one(googlesql, read="bigquery")
+    except sqlglot.errors.ParseError:
+        return []
+    out = []
+    for t in tree.find_all(exp.Table):
+        if t.db and "INFORMATION_SCHEMA" not in t.sql(dialect="bigquery").upper():
+            item = (t.catalog or project, t.db, t.name)
+            if item not in out:
+                out.append(item)
+    return out
+
+
 def open_source(url: str) -> Source:
-    """Open a source from its URL: ``duckdb:///path/file.duckdb`` (or a plain path)."""
+    """Open a source from its URL: ``duckdb:///path/file.duckdb`` (or a plain path) or
+    ``bigquery://PROJECT[?scratch_dataset=DATASET&location=LOCATION]``."""
     if url.startswith("duckdb://"):
         return DuckDBSource(url[len("duckdb://"):])
     if url.startswith("bigquery://"):
-        raise PipelineError(f"source {url}: BigQuery sources are not available in this build")
+        from urllib.parse import parse_qs, urlsplit
+
+        parts = urlsplit(url)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        unknown = set(query) - {"scratch_dataset", "location"}
+        if unknown:
+            raise PipelineError(f"source {url}: unknown parameter(s) {', '.join(sorted(unknown))}; "
+                                "known: scratch_dataset, location")
+        return BigQuerySource(parts.netloc or parts.path.strip("/"),
+                              scratch_dataset=query.get("scratch_dataset"),
+                              location=query.get("location"))
     if url.endswith(".duckdb"):
         return DuckDBSource(url)
     raise PipelineError(f"unknown source {url!r}: expected duckdb:///path/to/file.duckdb "

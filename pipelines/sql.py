@@ -1,12 +1,17 @@
 """The query builder: every query is written once, in GoogleSQL, and translated for DuckDB.
 
-Queries are built as sqlglot expressions, so identifiers are always quoted by the
-library (never pasted into strings), then rendered as GoogleSQL. The DuckDB source runs
-``to_duckdb(sql)``: the same text, transpiled.
+Queries are built as sqlglot expressions and rendered by sqlglot for both engines at
+build time: a :class:`Query` is the GoogleSQL text (a ``str``) carrying its DuckDB
+translation, so no engine parses SQL in the hot path. The long column lists of the
+extraction queries are spliced into the rendered frame with each dialect's own quote
+characters; they hold only identifiers that :func:`pipelines.catalog.check_identifier`
+accepted (letters, digits, ``_``), which this module checks again.
 """
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import re
 from typing import Sequence
 
 import sqlglot
@@ -16,6 +21,53 @@ from pipelines.catalog import TableSpec
 from pipelines.window import UTC, Window
 
 _TIMESTAMP = exp.DataType.build("TIMESTAMP", dialect="bigquery")
+_PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SELECT_LIST = "bqx_select_list_placeholder"
+
+
+class Query(str):
+    """GoogleSQL text that also carries its DuckDB translation, made when it was built."""
+
+    duckdb: str | None = None
+
+    def __new__(cls, googlesql: str, duckdb: str | None = None):
+        obj = super().__new__(cls, googlesql)
+        obj.duckdb = duckdb
+        return obj
+
+    def __reduce__(self):
+        return (Query, (str(self), self.duckdb))
+
+
+def _rendered(query: exp.Expression, select_list: Sequence[tuple[str, str | None]] = ()) -> Query:
+    """Render ``query`` for both engines; ``select_list`` (source, alias) replaces the
+    placeholder column, quoted per dialect."""
+    texts = {}
+    for dialect in ("bigquery", "duckdb"):
+        text = query.sql(dialect=dialect)
+        if select_list:
+            placeholder = _quote(_SELECT_LIST, dialect)
+            text = text.replace(placeholder, _select_list(tuple(select_list), dialect), 1)
+        texts[dialect] = text
+    return Query(texts["bigquery"], texts["duckdb"])
+
+
+@functools.lru_cache(maxsize=None)
+def _quote_chars(dialect: str) -> tuple[str, str]:
+    quoted = exp.to_identifier("x", quoted=True).sql(dialect=dialect)
+    return quoted[0], quoted[-1]
+
+
+def _quote(name: str, dialect: str) -> str:
+    if not _PLAIN.match(name):
+        raise ValueError(f"not a plain identifier: {name!r}")
+    start, end = _quote_chars(dialect)
+    return f"{start}{name}{end}"
+
+
+def _select_list(columns: tuple[tuple[str, str | None], ...], dialect: str) -> str:
+    return ", ".join(_quote(src, dialect) + (f" AS {_quote(alias, dialect)}" if alias else "")
+                     for src, alias in columns)
 
 
 def timestamp_literal(t: dt.datetime) -> exp.Expression:
@@ -40,25 +92,22 @@ def _in_window(key: str, window: Window) -> exp.Expression:
     )
 
 
-def select_shard(spec: TableSpec, key: str, shard: Window, project: str | None = None) -> str:
+def select_shard(spec: TableSpec, key: str, shard: Window, project: str | None = None) -> Query:
     """GoogleSQL reading one table's rows in ``shard``: the key, then its output columns.
 
     Columns come out under their output names (prefixed with the table's stem), so the
     checkpoint already has the training file's column names.
     """
-    columns = [_col(key)] + [
-        exp.alias_(_col(c.source), c.output, quoted=True) for c in spec.columns
-    ]
-    query = (
-        exp.select(*columns)
+    frame = (
+        exp.select(_col(_SELECT_LIST))
         .from_(_table(spec.dataset, spec.table, project))
         .where(_in_window(key, shard))
     )
-    return query.sql(dialect="bigquery")
+    return _rendered(frame, [(key, None)] + [(c.source, c.output) for c in spec.columns])
 
 
 def count_shard(spec: TableSpec, key: str, shard: Window, min_valid: dt.datetime | None,
-                project: str | None = None) -> str:
+                project: str | None = None) -> Query:
     """GoogleSQL counting a shard's rows and distinct keys (and, when ``min_valid`` is
     given, the table's rows whose key is before it: the bad keys that are dropped)."""
     table = _table(spec.dataset, spec.table, project)
@@ -72,7 +121,7 @@ def count_shard(spec: TableSpec, key: str, shard: Window, min_valid: dt.datetime
         .where(_in_window(key, shard))
     )
     if min_valid is None:
-        return shard_counts.sql(dialect="bigquery")
+        return _rendered(shard_counts)
     bad = (
         exp.select(exp.alias_(exp.Count(this=exp.Star()), "n_bad", quoted=True))
         .from_(table.copy())
@@ -84,11 +133,11 @@ def count_shard(spec: TableSpec, key: str, shard: Window, min_valid: dt.datetime
         exp.column("n_bad", table="b", quoted=True),
     ).from_(exp.alias_(exp.Subquery(this=shard_counts), "s", table=True)).join(
         exp.alias_(exp.Subquery(this=bad), "b", table=True), join_type="CROSS")
-    return query.sql(dialect="bigquery")
+    return _rendered(query)
 
 
 def key_range(dataset: str, table: str, key: str, min_valid: dt.datetime,
-              project: str | None = None) -> str:
+              project: str | None = None) -> Query:
     """GoogleSQL for the first and last valid key of a table (the default window)."""
     query = (
         exp.select(
@@ -98,11 +147,13 @@ def key_range(dataset: str, table: str, key: str, min_valid: dt.datetime,
         .from_(_table(dataset, table, project))
         .where(exp.GTE(this=_col(key), expression=timestamp_literal(min_valid)))
     )
-    return query.sql(dialect="bigquery")
+    return _rendered(query)
 
 
 def to_duckdb(googlesql: str) -> str:
-    """Translate one GoogleSQL statement for DuckDB."""
+    """Translate one GoogleSQL statement for DuckDB (free for a :class:`Query`)."""
+    if isinstance(googlesql, Query) and googlesql.duckdb:
+        return googlesql.duckdb
     return sqlglot.transpile(googlesql, read="bigquery", write="duckdb")[0]
 
 

@@ -1,19 +1,28 @@
-"""Storage at the edges: local folders now, ``gs://`` buckets through the same calls.
+"""Storage at the edges: local folders and ``gs://`` buckets through the same calls.
 
 The commit protocol lives here: nothing appears under its final name until it is
 complete. Locally a file is written beside its final name and renamed into place (an
-atomic rename on POSIX); in a bucket an object becomes visible only when its upload
-finishes.
+atomic rename on POSIX); in a bucket the file is written to a local temporary and
+uploaded with its CRC32C, which the server checks before the object becomes visible
+(a GCS object appears only when its upload finishes, and never with other bytes).
+
+``gs://`` goes through google-cloud-storage (one client per thread) with the library's
+retry policies, and reads of parquet through ``pyarrow.fs.GcsFileSystem`` (ranged
+reads, nothing buffered beyond what pyarrow asks for). With ``STORAGE_EMULATOR_HOST``
+set both talk to that emulator anonymously; otherwise they use the default credentials.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
+import functools
 import os
 import posixpath
 import tempfile
+import threading
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import google_crc32c
 
@@ -35,19 +44,161 @@ def join(root: str, *parts: str) -> str:
     return os.path.join(root, *parts)
 
 
-def _require_local(path: str) -> None:
-    if is_gcs(path):
-        raise PipelineError(f"{path}: gs:// paths need the cloud storage support "
-                            "(not available in this build)")
+def _split(path: str) -> tuple[str, str]:
+    """``gs://bucket/name`` -> (bucket, name)."""
+    bucket, _, name = str(path)[len("gs://"):].partition("/")
+    if not bucket:
+        raise PipelineError(f"{path}: a gs:// path needs a bucket name")
+    return bucket, name
 
+
+# --------------------------------------------------------------------------- gs:// clients
+
+_local = threading.local()
+
+
+def _emulator_host() -> str | None:
+    return os.environ.get("STORAGE_EMULATOR_HOST") or None
+
+
+def _client():
+    """The google-cloud-storage client of this thread (created on first use).
+
+    Against an emulator (``STORAGE_EMULATOR_HOST``) it is anonymous; otherwise it uses
+    the default credentials. The library reads ``STORAGE_EMULATOR_HOST`` itself.
+    """
+    key = (_emulator_host(), os.getpid())
+    cached = getattr(_local, "client", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    from google.cloud import storage as gcs
+
+    if key[0]:
+        from google.auth.credentials import AnonymousCredentials
+
+        project = os.environ.get("GOOGLE_CLOUD_PROJECT") or "local-emulator"
+        client = gcs.Client(project=project, credentials=AnonymousCredentials())
+    else:
+        from google.auth import exceptions as auth_errors
+
+        try:
+            client = gcs.Client()
+        except auth_errors.GoogleAuthError as exc:
+            raise PipelineError(f"gs:// storage: no Google credentials ({exc})") from None
+    _local.client = (key, client)
+    return client
+
+
+@functools.lru_cache(maxsize=4)
+def _arrow_gcs(emulator: str | None, pid: int):
+    """A pyarrow GCS filesystem (thread-safe, shared by the process)."""
+    import datetime as dt
+
+    from pyarrow import fs
+
+    retry = dt.timedelta(seconds=float(os.environ.get("BQX_GCS_READ_RETRY_SECONDS", 60)))
+    if emulator:
+        scheme, _, host = emulator.rpartition("://")
+        return fs.GcsFileSystem(anonymous=True, endpoint_override=host,
+                                scheme=scheme or "http", retry_time_limit=retry)
+    return fs.GcsFileSystem(retry_time_limit=retry)
+
+
+def _retry():
+    """The library's default retry (transient errors, exponential back-off)."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY
+
+
+def _blob(path: str):
+    bucket, name = _split(path)
+    if not name:
+        raise PipelineError(f"{path}: a gs:// path needs an object name")
+    return _client().bucket(bucket).blob(name)
+
+
+def _gcs_error(path: str, what: str, exc: Exception) -> PipelineError:
+    return PipelineError(f"{path}: {what} failed: {exc}")
+
+
+def _get_blob(path: str):
+    """The object's metadata, or None when it does not exist."""
+    from google.api_core import exceptions
+
+    bucket, name = _split(path)
+    try:
+        return _client().bucket(bucket).get_blob(name, retry=_retry())
+    except exceptions.NotFound:  # the bucket itself is missing
+        return None
+    except exceptions.GoogleAPIError as exc:
+        raise _gcs_error(path, "reading metadata", exc) from None
+
+
+def _require_blob(path: str):
+    blob = _get_blob(path)
+    if blob is None:
+        raise FileNotFoundError(path)
+    return blob
+
+
+def _hex_crc(b64: str | None) -> str | None:
+    return None if b64 is None else base64.b64decode(b64).hex()
+
+
+def _upload(local: str, final: str) -> None:
+    """Upload ``local`` to ``final`` with a CRC32C the server verifies.
+
+    The upload is conditional on the generation found just before it (0: must not
+    exist), which makes it safe for the library to retry. When the condition fails the
+    object was written meanwhile (by a retried attempt of this upload, or a concurrent
+    worker doing the same task): that is fine if its bytes are ours, an error otherwise.
+    """
+    from google.api_core import exceptions
+    from google.cloud.storage.retry import DEFAULT_RETRY_IF_GENERATION_SPECIFIED
+
+    crc = _file_crc32c(local)
+    crc_b64 = base64.b64encode(bytes.fromhex(crc)).decode()
+    current = _get_blob(final)
+    blob = _blob(final)
+    try:
+        blob.upload_from_filename(
+            local, content_type="application/octet-stream", checksum="crc32c",
+            crc32c_checksum_value=crc_b64,
+            if_generation_match=current.generation if current is not None else 0,
+            retry=DEFAULT_RETRY_IF_GENERATION_SPECIFIED)
+    except exceptions.PreconditionFailed:
+        now = _get_blob(final)
+        if now is None or _hex_crc(now.crc32c) != crc or now.size != os.path.getsize(local):
+            raise PipelineError(f"{final} was replaced by another writer during the upload "
+                                "(different content)") from None
+    except exceptions.GoogleAPIError as exc:
+        raise _gcs_error(final, "upload", exc) from None
+
+
+# --------------------------------------------------------------------------- the calls
 
 @contextlib.contextmanager
 def atomic_local_path(final: str) -> Iterator[str]:
     """Yield a local temporary path; publish it as ``final`` when the block succeeds.
 
-    On any error the temporary file is removed and ``final`` is untouched.
+    On any error the temporary file is removed and ``final`` is untouched. For a
+    ``gs://`` ``final`` the temporary is uploaded (CRC32C verified by the server), so
+    the object appears only complete.
     """
-    _require_local(final)
+    if is_gcs(final):
+        _split(final)
+        folder = tempfile.mkdtemp(prefix="bqx-upload-")
+        tmp = os.path.join(folder, f"{posixpath.basename(final)}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
+        try:
+            yield tmp
+            _upload(tmp, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        return
     folder = os.path.dirname(os.path.abspath(final))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(final)}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
@@ -69,27 +220,35 @@ def write_bytes(path: str, data: bytes) -> None:
 
 
 def read_bytes(path: str) -> bytes:
-    """Read a whole (small) file."""
-    _require_local(path)
+    """Read a whole (small) file; FileNotFoundError if it does not exist."""
+    if is_gcs(path):
+        from google.api_core import exceptions
+
+        try:
+            return _blob(path).download_as_bytes(retry=_retry())
+        except exceptions.NotFound:
+            raise FileNotFoundError(path) from None
+        except exceptions.GoogleAPIError as exc:
+            raise _gcs_error(path, "download", exc) from None
     with open(path, "rb") as fh:
         return fh.read()
 
 
 def exists(path: str) -> bool:
-    """True if ``path`` is an existing file."""
-    _require_local(path)
+    """True if ``path`` is an existing file (object)."""
+    if is_gcs(path):
+        return _get_blob(path) is not None
     return os.path.isfile(path)
 
 
 def size(path: str) -> int:
     """Size of ``path`` in bytes."""
-    _require_local(path)
+    if is_gcs(path):
+        return int(_require_blob(path).size)
     return os.path.getsize(path)
 
 
-def crc32c(path: str) -> str:
-    """CRC32C of a file's bytes as 8 hex digits (the checksum GCS keeps per object)."""
-    _require_local(path)
+def _file_crc32c(path: str) -> str:
     checksum = google_crc32c.Checksum()
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
@@ -97,25 +256,101 @@ def crc32c(path: str) -> str:
     return checksum.digest().hex()
 
 
+def crc32c(path: str) -> str:
+    """CRC32C of a file's bytes as 8 hex digits (the checksum GCS keeps per object;
+    for ``gs://`` it is read from the object's metadata, not recomputed)."""
+    if is_gcs(path):
+        value = _hex_crc(_require_blob(path).crc32c)
+        if value is None:
+            raise PipelineError(f"{path}: the object has no CRC32C in its metadata")
+        return value
+    return _file_crc32c(path)
+
+
 def list_files(prefix: str) -> list[str]:
     """Every file under folder ``prefix`` (recursively), temporary files excluded."""
-    _require_local(prefix)
+    if is_gcs(prefix):
+        return sorted(p for p in _list_gcs(prefix.rstrip("/") + "/") if TEMP_MARK not in p)
     out = []
     for folder, _dirs, files in os.walk(prefix):
         out.extend(os.path.join(folder, f) for f in files if TEMP_MARK not in f)
     return sorted(out)
 
 
+def _list_gcs(prefix: str) -> Iterator[str]:
+    """Names (as ``gs://`` paths) of every object whose name starts with ``prefix``."""
+    from google.api_core import exceptions
+
+    bucket, name = _split(prefix)
+    try:
+        for blob in _client().list_blobs(bucket, prefix=name or None, retry=_retry(),
+                                         fields="items(name),nextPageToken"):
+            yield f"gs://{bucket}/{blob.name}"
+    except exceptions.NotFound:
+        return
+    except exceptions.GoogleAPIError as exc:
+        raise _gcs_error(prefix, "listing", exc) from None
+
+
+def count_existing(paths: Iterable[str]) -> int:
+    """How many of ``paths`` exist. In a bucket this is one listing of the paths'
+    common prefix, not one request per path (the extract's progress line)."""
+    paths = list(paths)
+    gcs = [p for p in paths if is_gcs(p)]
+    found = sum(os.path.isfile(p) for p in paths if not is_gcs(p))
+    if gcs:
+        wanted = set(gcs)
+        prefix = os.path.commonprefix(gcs)
+        if len(wanted) == 1:
+            return found + exists(gcs[0])
+        found += sum(p in wanted for p in _list_gcs(prefix))
+    return found
+
+
 def delete(path: str) -> None:
     """Remove a file if it exists."""
-    _require_local(path)
+    if is_gcs(path):
+        from google.api_core import exceptions
+
+        try:
+            _blob(path).delete(retry=_retry())
+        except exceptions.NotFound:
+            pass
+        except exceptions.GoogleAPIError as exc:
+            raise _gcs_error(path, "delete", exc) from None
+        return
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
 
+def open_input(path: str):
+    """What pyarrow reads ``path`` from: a seekable ``pyarrow.NativeFile``.
+
+    Locally an OS file; in a bucket a ``GcsFileSystem`` random-access file that reads
+    byte ranges on demand (no read-ahead buffer, so one open file per table of a
+    667-table merge costs next to nothing). Close it when done (or use ``with``).
+    """
+    import pyarrow as pa
+
+    if is_gcs(path):
+        bucket, name = _split(path)
+        filesystem = _arrow_gcs(_emulator_host(), os.getpid())
+        try:
+            return filesystem.open_input_file(f"{bucket}/{name}")
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if "not found" in str(exc).lower() or "No such" in str(exc):
+                raise FileNotFoundError(path) from None
+            raise
+    return pa.OSFile(path, "rb")
+
+
 def local_path(path: str) -> str:
-    """A path that local libraries (pyarrow, DuckDB) can open for reading."""
-    _require_local(path)
+    """A local path that local libraries can open (local paths only; for ``gs://`` use
+    :func:`open_input`)."""
+    if is_gcs(path):
+        raise PipelineError(f"{path}: not a local path; read it with storage.open_input")
     return path
 
 

@@ -47,6 +47,10 @@ DEFAULT_COLUMNS_PER_BATCH = 2000
 _PLAUSIBLE_KEY_START = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _EXPECTED_KEYS = {"spine_rows", "spine_digest", "pair"}
+# A training set exported in parts (pipelines/merge/bigquery.py): a folder (or gs://
+# prefix) with part-NN/*.parquet and a _layout.json written last.
+PARTS_LAYOUT = "bqx.training.parts"
+LAYOUT_FILE = "_layout.json"
 # How many names a single warning/failure line lists before summarising the rest.
 _MAX_NAMES = 10
 
@@ -140,6 +144,8 @@ class Report:
         default_factory=lambda: {"total": 0, "by_family": {}})
     tables: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     all_null_columns: list[str] = dataclasses.field(default_factory=list)
+    # Multi-part training sets (the bigquery merge): one entry per part.
+    parts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of every field."""
@@ -159,12 +165,16 @@ class Report:
             f"  {self.rows:,} rows x {self.columns:,} columns, {self.row_groups:,} row groups, "
             f"file {_human_bytes(self.file_bytes)}, footer {_human_bytes(self.footer_bytes)}",
         ]
-        if self.layout == "bqx.training":
+        if self.layout in ("bqx.training", PARTS_LAYOUT):
             window = ""
             if self.window:
                 window = f", window {self.window.get('start')} .. {self.window.get('end')}"
             method = f", method {self.method}" if self.method else ""
             lines.append(f"  pair {self.pair}{method}{window}")
+            for part in self.parts:
+                lines.append(f"  {part['path']}: {part['rows']:,} rows x {part['columns']:,} "
+                             f"columns in {part['files']} file(s)"
+                             f"{'' if part['key_ordered'] else ', not in key order'}")
         else:
             lines.append("  layout unknown (no bqx.training metadata)")
         if self.key_min is not None:
@@ -442,6 +452,8 @@ def validate_file(path: str | os.PathLike, expected: dict | None = None,
     if columns_per_batch < 1:
         raise ValueError("columns_per_batch must be at least 1")
     path = os.fspath(path)
+    if is_training_set(path):
+        return validate_training_set(path, expected, columns_per_batch)
     report = Report(path=path)
     report.file_bytes, report.footer_bytes = _check_parquet_file(path)
     try:
@@ -487,22 +499,245 @@ def validate_file(path: str | os.PathLike, expected: dict | None = None,
             keys = _read(pf, rg, [layout.key], path).column(0)
             checker.feed(keys)
             del keys
-        for batch in batches:
-            table = _read(pf, rg, batch, path)
-            seen: dict[str, int] = defaultdict(int)
-            for name, col in zip(table.column_names, table.columns):
-                pos = positions[name][seen[name]]
-                seen[name] += 1
-                nulls[pos] += col.null_count
-                if pa.types.is_floating(col.type) and len(col) > col.null_count:
-                    infs[pos] += pc.sum(pc.is_inf(col)).as_py() or 0
-            del table
+        _scan_row_group(pf, rg, batches, positions, nulls, infs, path)
 
     if key_ok:
         _key_results(report, checker, expected, meta)
     _aggregate(report, names, layout, nulls, infs)
     report.ok = not report.hard_failures
     return report
+
+
+# --------------------------------------------------------------------------- training sets in parts
+
+def is_training_set(path: str) -> bool:
+    """True when ``path`` is a folder or ``gs://`` prefix holding a ``_layout.json``
+    (a training set exported in parts) rather than one parquet file."""
+    from pipelines import storage
+
+    path = os.fspath(path)
+    if path.endswith(".parquet"):
+        return False
+    if storage.is_gcs(path):
+        return path.endswith("/") or storage.exists(storage.join(path, LAYOUT_FILE))
+    return os.path.isdir(path)
+
+
+def _layout_problem(doc: Any) -> str | None:
+    if not isinstance(doc, dict):
+        return "not a JSON object"
+    if doc.get("layout") != PARTS_LAYOUT:
+        return f"layout {doc.get('layout')!r}, expected {PARTS_LAYOUT!r}"
+    parts = doc.get("parts")
+    if not isinstance(parts, list) or not parts:
+        return "'parts' is not a non-empty list"
+    for i, p in enumerate(parts):
+        if (not isinstance(p, dict) or not isinstance(p.get("path"), str)
+                or not isinstance(p.get("columns"), list)
+                or not all(isinstance(c, str) for c in p["columns"]) or not p["columns"]):
+            return f"parts[{i}] needs 'path' and a non-empty list of 'columns'"
+    return _metadata_problem(doc)
+
+
+def validate_training_set(path: str | os.PathLike, expected: dict | None = None,
+                          columns_per_batch: int = DEFAULT_COLUMNS_PER_BATCH) -> Report:
+    """Validate a training set exported in parts as one training set.
+
+    Layout (pipelines/merge/bigquery.py): ``{path}/_layout.json`` (written last) lists the
+    parts in order, each ``{path}/{part}/*.parquet`` with the key first and then its own
+    columns; the training set's columns are part 0's followed by every other part's
+    columns without the key. Every part must hold the same keys (compared after sorting:
+    a part's files need not be in key order, and the parts need not share a row order;
+    both are reported as warnings since the parts are joined on the key). Files are read
+    one at a time, row group by row group, ``columns_per_batch`` columns at once; what is
+    kept between files is the key column of two parts and a few integers per column.
+    """
+    from pipelines import storage
+
+    expected = dict(expected or {})
+    unknown = set(expected) - _EXPECTED_KEYS
+    if unknown:
+        raise ValueError(f"unknown expected keys {sorted(unknown)}; "
+                         f"allowed: {sorted(_EXPECTED_KEYS)}")
+    if columns_per_batch < 1:
+        raise ValueError("columns_per_batch must be at least 1")
+    root = os.fspath(path)
+    root = root.rstrip("/") if root.rstrip("/") else root
+    report = Report(path=root + "/")
+    layout_path = storage.join(root, LAYOUT_FILE)
+    try:
+        raw = storage.read_bytes(layout_path)
+    except FileNotFoundError:
+        raise PipelineError(f"{root}/: no {LAYOUT_FILE} (not a training set in parts, or "
+                            "its export did not finish)") from None
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise PipelineError(f"{layout_path}: not valid JSON ({e})") from None
+    problem = _layout_problem(doc)
+    if problem:
+        raise PipelineError(f"{layout_path}: malformed layout: {problem}")
+    report.layout = PARTS_LAYOUT
+    report.pair, report.method = doc.get("pair"), doc.get("method")
+    report.window = doc.get("window") if isinstance(doc.get("window"), dict) else None
+    key = doc.get("key") or DEFAULT_KEY
+
+    # The whole set's columns: part 0's, then each other part's without the key.
+    part_docs = doc["parts"]
+    names: list[str] = []
+    offsets: list[int] = []
+    for i, p in enumerate(part_docs):
+        cols = p["columns"]
+        if cols[0] != key:
+            report.hard_failures.append(f"{p['path']}: first column is {cols[0]!r}, not the "
+                                        f"key {key!r}")
+        offsets.append(len(names) - (0 if i == 0 else 1))
+        names += cols if i == 0 else cols[1:]
+    report.columns = len(names)
+
+    files_of = []
+    for p in part_docs:
+        folder = storage.join(root, p["path"])
+        try:
+            files = [f for f in storage.list_files(folder) if f.endswith(".parquet")]
+        except FileNotFoundError:
+            files = []
+        if not files:
+            raise PipelineError(f"{folder}/: no parquet files for part {p['path']}")
+        files_of.append(files)
+
+    nulls = np.zeros(len(names), dtype=np.int64)
+    infs = np.zeros(len(names), dtype=np.int64)
+    fields: list[pa.Field | None] = [None] * len(names)
+    base_sorted: np.ndarray | None = None
+    base_order: np.ndarray | None = None
+    checker = _KeyChecker(_window_micros(report.window))
+    for pi, (p, files) in enumerate(zip(part_docs, files_of)):
+        cols = p["columns"]
+        positions: dict[str, list[int]] = defaultdict(list)
+        for j, c in enumerate(cols):
+            if j:
+                positions[c].append(offsets[pi] + j)
+        others = list(dict.fromkeys(c for c in cols[1:]))
+        batches = [others[i:i + columns_per_batch]
+                   for i in range(0, len(others), columns_per_batch)]
+        rows = row_groups = 0
+        key_chunks: list[pa.Array] = []
+        schema_ok = True
+        for f in files:
+            with storage.open_input(f) as fh:
+                try:
+                    pf = pq.ParquetFile(fh)
+                except (OSError, pa.ArrowException) as e:
+                    raise PipelineError(f"{f}: cannot read parquet footer: "
+                                        f"{_first_line(e)}") from None
+                report.file_bytes += storage.size(f)
+                report.footer_bytes += pf.metadata.serialized_size
+                fnames = pf.schema_arrow.names
+                if fnames != cols:
+                    report.hard_failures.append(
+                        f"{f}: its columns differ from {LAYOUT_FILE}'s for {p['path']} "
+                        f"({len(fnames):,} columns, expected {len(cols):,}"
+                        f"{'' if len(fnames) != len(cols) else ', other names or order'})")
+                    schema_ok = False
+                    continue
+                for j, fld in enumerate(pf.schema_arrow):
+                    pos = 0 if j == 0 else offsets[pi] + j
+                    if fields[pos] is None:
+                        fields[pos] = fld
+                    elif j == 0 and fields[0].type != fld.type:
+                        report.hard_failures.append(f"{f}: key type {fld.type} differs "
+                                                    f"from {fields[0].type}")
+                rows += pf.metadata.num_rows
+                row_groups += pf.num_row_groups
+                key_is_ts = pa.types.is_timestamp(pf.schema_arrow.field(0).type)
+                for rg in range(pf.num_row_groups):
+                    if key_is_ts:
+                        key_chunks.extend(_read(pf, rg, [key], f).column(0).chunks)
+                    _scan_row_group(pf, rg, batches, positions, nulls, infs, f)
+        keys = pa.chunked_array(key_chunks, type=fields[0].type if fields[0] is not None
+                                and pa.types.is_timestamp(fields[0].type)
+                                else pa.timestamp("us", tz="UTC"))
+        vals = key_micros(keys) if len(keys) else np.zeros(0, np.int64)
+        ordered = bool(keys.null_count == 0 and np.all(vals[1:] > vals[:-1]))
+        report.parts.append({"path": p["path"], "files": len(files), "rows": rows,
+                             "columns": len(cols), "row_groups": row_groups,
+                             "key_ordered": ordered})
+        report.row_groups += row_groups
+        declared = p.get("rows")
+        if isinstance(declared, int) and declared != rows:
+            report.hard_failures.append(f"{p['path']} holds {rows:,} rows, {LAYOUT_FILE} "
+                                        f"says {declared:,}")
+        if pi == 0:
+            report.rows = rows
+            # The key checks run over part 0's keys in key order (files need not be).
+            if ordered or keys.null_count:
+                for chunk in keys.chunks:
+                    checker.feed(pa.chunked_array([chunk], type=keys.type))
+            else:
+                checker.feed(pa.chunked_array([pc.take(keys, pc.sort_indices(keys))]))
+                report.warnings.append(
+                    f"{p['path']} is not in key order (EXPORT DATA does not promise an "
+                    "order across files): sort by the key when reading")
+            base_order, base_sorted = vals, np.sort(vals)
+        elif schema_ok:
+            if rows != report.rows:
+                report.hard_failures.append(
+                    f"{p['path']} has {rows:,} rows, {part_docs[0]['path']} has "
+                    f"{report.rows:,}: the parts are not one training set")
+            elif not np.array_equal(np.sort(vals), base_sorted):
+                differ = int(np.count_nonzero(np.sort(vals) != base_sorted))
+                report.hard_failures.append(
+                    f"{p['path']} holds other keys than {part_docs[0]['path']} "
+                    f"({differ:,} of {rows:,} sorted keys differ)")
+            elif not np.array_equal(vals, base_order):
+                report.warnings.append(
+                    f"{p['path']} is not in the same row order as {part_docs[0]['path']}: "
+                    "join the parts on the key, do not place them side by side")
+        del keys, key_chunks, vals
+
+    schema = pa.schema([f if f is not None else pa.field(n, pa.null())
+                        for f, n in zip(fields, names)])
+    meta = {k: doc.get(k) for k in ("format", "pair", "key", "window", "spine_rows",
+                                    "spine_digest", "targets", "tables") if k in doc}
+    if meta.get("spine_digest") is None:
+        meta.pop("spine_digest", None)
+    layout = _plan_layout(names, meta, report)
+    report.key = layout.key
+    _check_expectations(report, meta, expected)
+    if "spine_digest" not in meta and "spine_digest" not in expected:
+        # The bigquery launcher reads no data, so it cannot digest the spine's keys; the
+        # parts are checked against each other, the spine's rows and its key range.
+        report.warnings = [w for w in report.warnings if "no spine_digest" not in w]
+        report.warnings.append(f"{LAYOUT_FILE} has no spine_digest: keys checked across "
+                               "parts and against the spine's row count and key range")
+    _check_columns(report, names, layout, schema)
+    if fields[0] is not None and pa.types.is_timestamp(fields[0].type):
+        _key_results(report, checker, expected, meta)
+    for bound, value in (("spine_key_min", report.key_min), ("spine_key_max", report.key_max)):
+        want = doc.get(bound)
+        if want and value and dt.datetime.fromisoformat(want) != dt.datetime.fromisoformat(value):
+            report.hard_failures.append(f"key {bound[6:]} {value} != the spine's {want}")
+    _aggregate(report, names, layout, nulls, infs)
+    report.ok = not report.hard_failures
+    return report
+
+
+def _scan_row_group(pf: pq.ParquetFile, rg: int, batches: list[list[str]],
+                    positions: dict[str, list[int]], nulls: np.ndarray, infs: np.ndarray,
+                    path: str) -> None:
+    """Count NULLs and infinities of one row group, ``batches`` of columns at a time,
+    into ``nulls``/``infs`` at the columns' ``positions`` (in the whole training set)."""
+    for batch in batches:
+        table = _read(pf, rg, batch, path)
+        seen: dict[str, int] = defaultdict(int)
+        for name, col in zip(table.column_names, table.columns):
+            pos = positions[name][seen[name]]
+            seen[name] += 1
+            nulls[pos] += col.null_count
+            if pa.types.is_floating(col.type) and len(col) > col.null_count:
+                infs[pos] += pc.sum(pc.is_inf(col)).as_py() or 0
+        del table
 
 
 def _check_parquet_file(path: str) -> tuple[int, int]:
@@ -749,6 +984,8 @@ def _first_line(e: BaseException) -> str:
 def default_report_path(path: str | os.PathLike) -> str:
     """``x/training_eurusd.parquet`` -> ``x/training_eurusd.validation.json``."""
     path = os.fspath(path)
+    if path.endswith("/") and path.rstrip("/"):
+        path = path.rstrip("/")  # a training set folder: the report goes beside it
     stem = path[:-len(".parquet")] if path.endswith(".parquet") else path
     return stem + ".validation.json"
 
@@ -760,7 +997,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.validate",
         description="Validate a training parquet file and write a JSON report beside it.")
-    parser.add_argument("path", help="the training parquet file")
+    parser.add_argument("path", help="the training parquet file, or a folder / gs:// prefix "
+                                     "of a training set in parts (with _layout.json)")
     parser.add_argument("--report", help="where to write the JSON report "
                                          "(default: <file without .parquet>.validation.json)")
     parser.add_argument("--quiet", action="store_true",

@@ -56,3 +56,23 @@ def test_translated_query_runs_on_duckdb():
     out = con.execute(sql.to_duckdb(sql.select_shard(SPEC, "interval_time", w))).to_arrow_table()
     assert out.num_rows == 1440
     assert out.schema.names == ["interval_time", "reg_slope", "reg_select"]
+
+
+def test_duckdb_rendering_is_sqlglots_translation_of_the_googlesql():
+    """Queries carry a DuckDB rendering made at build time: it must be exactly what
+    sqlglot's transpiler makes of the GoogleSQL text."""
+    w = window_from_dates(dt.date(2025, 1, 6), dt.date(2025, 1, 7))
+    for query in (sql.select_shard(SPEC, "interval_time", w),
+                  sql.select_shard(SPEC, "interval_time", w, "bqx-ml"),
+                  sql.count_shard(SPEC, "interval_time", w, None),
+                  sql.count_shard(SPEC, "interval_time", w, dt.datetime(2000, 1, 1, tzinfo=UTC)),
+                  sql.key_range("ds", "t", "interval_time", dt.datetime(2000, 1, 1, tzinfo=UTC))):
+        assert query.duckdb == sqlglot.transpile(str(query), read="bigquery", write="duckdb")[0]
+        assert sql.to_duckdb(query) == query.duckdb
+
+
+def test_select_list_refuses_anything_but_plain_identifiers():
+    w = window_from_dates(dt.date(2025, 1, 6), dt.date(2025, 1, 7))
+    bad = TableSpec("ds", "t", "pair", False, "t", (Column("a`b", "t_a`b", "FLOAT64"),))
+    with pytest.raises(ValueError, match="not a plain identifier"):
+        sql.select_shard(bad, "interval_time", w)

@@ -144,7 +144,9 @@ def _run_beam(options: PipelineOptions, plan: ExtractionPlan, todo: list, source
         if fail_log:
             failed | "CollectFailures" >> beam.ParDo(_Collect(fail_log))
         progress = cli.Progress("extract", len(todo), "shards")
-        with cli.watch(progress, lambda: sum(storage.exists(t.record_path) for t in todo)):
+        # One listing per poll in a bucket, not one request per pending task.
+        record_paths = [t.record_path for t in todo]
+        with cli.watch(progress, lambda: storage.count_existing(record_paths)):
             result = p.run()
             result.wait_until_finish()
     if fail_log and os.path.exists(fail_log):

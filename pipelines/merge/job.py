@@ -22,7 +22,10 @@ from pipelines.window import parse_date, window_from_dates
 
 log = logging.getLogger("pipelines.merge")
 
-METHODS = ("polars", "duckdb")
+METHODS = ("polars", "duckdb", "bigquery")
+# Methods that run the window join here; "bigquery" issues BigQuery jobs instead
+# (pipelines/merge/bigquery.py).
+LOCAL_METHODS = ("polars", "duckdb")
 
 
 def joiner_class(method: str):
@@ -33,6 +36,9 @@ def joiner_class(method: str):
     if method == "duckdb":
         from pipelines.merge.join_duckdb import DuckDBJoin
         return DuckDBJoin
+    if method == "bigquery":
+        raise PipelineError("the bigquery method runs no window join here; "
+                            "see pipelines.merge.bigquery")
     raise PipelineError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
 
 
@@ -66,6 +72,15 @@ def default_output(pair: str) -> str:
         base = bucket if bucket.startswith("gs://") else f"gs://{bucket}/training"
         return storage.join(base, name)
     return os.path.join(os.environ.get("BQX_DATA_DIR", "data"), "output", name)
+
+
+def default_bigquery_output() -> str:
+    """The bigquery method's output prefix: ``gs://$GCS_OUTPUT_BUCKET/training``."""
+    bucket = os.environ.get("GCS_OUTPUT_BUCKET")
+    if not bucket:
+        raise PipelineError("the bigquery merge exports to GCS: give --output gs://BUCKET/PREFIX "
+                            "or set GCS_OUTPUT_BUCKET")
+    return bucket.rstrip("/") if bucket.startswith("gs://") else f"gs://{bucket}/training"
 
 
 def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
@@ -160,7 +175,8 @@ def _spine_keys(manifest: Manifest, spec) -> pa.Array:
 
     chunks = []
     for path in manifest.shard_files(manifest.targets):
-        table = pq.read_table(storage.local_path(path), columns=[manifest.key])
+        with storage.open_input(path) as source:
+            table = pq.read_table(source, columns=[manifest.key])
         chunks.extend(table.column(0).chunks)
     return pa.chunked_array(chunks, type=pa.timestamp("us", tz="UTC")).combine_chunks()
 
@@ -176,7 +192,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--checkpoint-root", default=None,
                    help="where the extract job wrote [GCS_CHECKPOINT_BUCKET]; default data/checkpoints")
     p.add_argument("--output", default=None,
-                   help="training file path [GCS_OUTPUT_BUCKET]; default data/output/training_PAIR.parquet")
+                   help="training file path [GCS_OUTPUT_BUCKET]; default data/output/training_PAIR.parquet"
+                        " (bigquery method: a gs:// prefix, written as PREFIX/training_PAIR/part-NN/)")
     p.add_argument("--memory-budget", default=cli.env_default("MEMORY_BUDGET", budgets.DEFAULT_BUDGET),
                    help=f"peak memory to plan for [MEMORY_BUDGET] (default {budgets.DEFAULT_BUDGET})")
     p.add_argument("--start-date", default=cli.env_default("START_DATE"),
@@ -184,6 +201,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--end-date", default=cli.env_default("END_DATE"))
     p.add_argument("--catalog", default=cli.env_default("BQX_CATALOG"), help="catalog TOML file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--dry-run", action="store_true",
+                   help="bigquery method: print the SQL, bytes scanned and cost; export nothing")
+    p.add_argument("--staging", default=cli.env_default("BQX_MERGE_STAGING", "external"),
+                   choices=("external", "load"),
+                   help="bigquery method: external tables over the checkpoints (default) or "
+                        "load jobs into native tables (what the emulator runs) [BQX_MERGE_STAGING]")
+    p.add_argument("--scratch-dataset", default=cli.env_default("BQX_MERGE_DATASET", "bqx_merge_scratch"),
+                   help="bigquery method: dataset of the temporary tables [BQX_MERGE_DATASET]")
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -196,10 +221,16 @@ def run(argv: list[str] | None = None) -> int:
     cli.setup_logging(args.verbose)
     catalog = load_catalog(args.catalog)
     pair = catalog.check_pair(args.pair_arg or args.pair)
-    joiner_class(args.method)
+    if args.method not in METHODS:
+        raise PipelineError(f"unknown merge method {args.method!r}; choose one of {', '.join(METHODS)}")
+    if args.method != "bigquery" and args.dry_run:
+        raise PipelineError("--dry-run is only for --method bigquery")
     memory_budget = budgets.parse_size(args.memory_budget)
     root = storage.resolve_local(args.checkpoint_root or checkpoints.default_checkpoint_root())
-    output = storage.resolve_local(args.output or default_output(pair))
+    if args.method == "bigquery":
+        output = args.output or default_bigquery_output()
+    else:
+        output = storage.resolve_local(args.output or default_output(pair))
     window = None
     if args.start_date or args.end_date:
         if not (args.start_date and args.end_date):
@@ -208,6 +239,22 @@ def run(argv: list[str] | None = None) -> int:
                                    parse_date(args.end_date, "--end-date"))
     manifest = checkpoints.load_manifest(root, pair, window)
     started = time.monotonic()
+    if args.method == "bigquery":
+        from pipelines.merge import bigquery as bq_merge
+
+        result = bq_merge.merge_bigquery(manifest, output, staging=args.staging,
+                                         dataset=args.scratch_dataset, dry_run=args.dry_run,
+                                         overwrite=args.overwrite)
+        if not args.dry_run:
+            prefix = bq_merge.training_prefix(output, pair)
+            log.info("[merge] %s/: %d part(s), %d rows x %d columns in %.1fs; validate with "
+                     "python -m pipelines.validate %s/", prefix, len(result["parts"]),
+                     result["spine_rows"], 1 + len(result["targets"]) + sum(
+                         t["columns"] for t in result["tables"]),
+                     time.monotonic() - started, prefix)
+            print(f"{prefix}/ ({len(result['parts'])} parts, {result['spine_rows']:,} rows; "
+                  f"{bq_merge.LAYOUT_NAME} written)")
+        return cli.EXIT_OK
     report = merge(manifest, output, args.method, memory_budget, overwrite=args.overwrite)
     print(report.summary())
     log.info("[merge] %s: %d rows x %d columns in %.1fs; report %s", output, report.rows,

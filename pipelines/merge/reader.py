@@ -52,15 +52,18 @@ class DayCursor:
 
     def _open_next(self) -> bool:
         if self._file is not None:
-            self._file.close()
+            self._file.close(force=True)  # also closes the storage.open_input file
             self._file = None
         if not self._paths:
             return False
         self._path = self._paths.pop(0)
+        source = None
         try:
-            self._file = pq.ParquetFile(storage.local_path(self._path),
-                                        page_checksum_verification=True, pre_buffer=False)
+            source = storage.open_input(self._path)
+            self._file = pq.ParquetFile(source, page_checksum_verification=True, pre_buffer=False)
         except (OSError, pa.ArrowException) as exc:
+            if source is not None:
+                source.close()
             raise PipelineError(f"checkpoint {self._path} of {self.label} is not readable: {exc}") from None
         actual = self._file.schema_arrow.remove_metadata()
         if not actual.equals(self.schema):
@@ -128,7 +131,7 @@ class DayCursor:
     def close(self) -> None:
         """Close the open shard."""
         if self._file is not None:
-            self._file.close()
+            self._file.close(force=True)
             self._file = None
 
 

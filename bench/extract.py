@@ -1,0 +1,102 @@
+"""``python -m bench.extract --rows 10000 [--workers 1,2]``
+
+Builds a sample warehouse of one pair (all 667 tables) at ``--rows``, then times, each
+in its own process:
+
+- the extract job (``python -m pipelines.extract``, Beam DirectRunner, multi-threading)
+  with each ``--direct_num_workers`` in ``--workers``, into a fresh checkpoint folder;
+- the bare loop it is measured against: the same GoogleSQL queries (one per table and
+  shard, translated for DuckDB) run as ``COPY (query) TO 'x.parquet'`` by the same
+  number of threads, with nothing else (no counts, dedupe, records or verification).
+
+Prints wall time, peak RSS and the ratio of each extract run to the bare loop with the
+same number of workers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+
+def copy_loop(warehouse: str, pair: str, out: str, workers: int) -> None:
+    """The bare baseline: every extraction query as a DuckDB COPY, ``workers`` at a time."""
+    import duckdb
+
+    from pipelines import sql
+    from pipelines.catalog import load_catalog
+    from pipelines.extract.plan import make_plan
+    from pipelines.sources import DuckDBSource
+
+    source = DuckDBSource(warehouse)
+    plan = make_plan(source, load_catalog(), pair, None, out, 28, "drop")
+    source.close()
+    con = duckdb.connect(warehouse, read_only=True)
+    os.makedirs(out, exist_ok=True)
+
+    def run(i_task):
+        i, task = i_task
+        cur = con.cursor()
+        cur.execute("SET TimeZone = 'UTC'")
+        cur.execute(f"COPY ({sql.to_duckdb(task.select_sql)}) TO '{out}/{i}.parquet' (FORMAT PARQUET)")
+        cur.close()
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(run, enumerate(plan.tasks)))
+
+
+def main(argv=None) -> int:
+    """Run the extraction benchmark and print the figures."""
+    p = argparse.ArgumentParser(prog="python -m bench.extract", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=10000)
+    p.add_argument("--workers", default="1,2")
+    p.add_argument("--pair", default="eurusd")
+    p.add_argument("--work", default=None)
+    p.add_argument("--cap-seconds", type=float, default=3600)
+    args = p.parse_args(argv)
+    from bench.merge import _isolated
+    from pipelines.sample import build_warehouse
+
+    work = args.work or tempfile.mkdtemp(prefix="bqx-bench-extract-")
+    print(f"machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"command: python -m bench.extract {' '.join(sys.argv[1:] if argv is None else argv)}")
+    try:
+        warehouse = os.path.join(work, "w.duckdb")
+        if not os.path.exists(warehouse):
+            started = time.monotonic()
+            build_warehouse(warehouse, [args.pair], rows=args.rows, seed=0)
+            print(f"sample warehouse: {args.rows} rows, {time.monotonic() - started:.0f} s")
+        print(f"{'run':>24} {'wall s':>8} {'peak RSS GiB':>13} {'x copy loop':>12}  result", flush=True)
+        for workers in [int(w) for w in args.workers.split(",")]:
+            out = os.path.join(work, f"copy{workers}")
+            base = _isolated([sys.executable, "-m", "bench.extract", "--copy-loop", warehouse,
+                              args.pair, out, str(workers)], args.cap_seconds, 1 << 40)
+            print(f"{f'copy loop, {workers} threads':>24} {base['wall']:>8.1f} {base['rss'] / 2**30:>13.2f} "
+                  f"{'1.00':>12}  {'ok' if base['code'] == 0 else base['error']}", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+            ck = os.path.join(work, f"ck{workers}")
+            run = _isolated([sys.executable, "-m", "pipelines.extract", "--pair", args.pair,
+                             "--source", f"duckdb://{warehouse}", "--checkpoint-root", ck,
+                             f"--direct_num_workers={workers}"], args.cap_seconds, 1 << 40)
+            ratio = run["wall"] / base["wall"] if base["wall"] else float("nan")
+            print(f"{f'extract, {workers} workers':>24} {run['wall']:>8.1f} {run['rss'] / 2**30:>13.2f} "
+                  f"{ratio:>12.2f}  {'ok' if run['code'] == 0 else run['error']}", flush=True)
+            shutil.rmtree(ck, ignore_errors=True)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--copy-loop":
+        copy_loop(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    else:
+        sys.exit(main())

@@ -1,0 +1,170 @@
+"""gs:// storage calls and the BigQuery source, against the local emulators."""
+import datetime as dt
+import os
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bigquery_warehouse import PAIR, bq_warehouse  # noqa: F401 (fixture)
+from emulators import BUCKET, bq_emulator, gcs_emulator  # noqa: F401 (fixtures)
+from pipelines import storage
+from pipelines.errors import PipelineError
+
+
+def _root():
+    return f"gs://{BUCKET}/unit-{uuid.uuid4().hex[:8]}"
+
+
+def _raw_names(prefix: str) -> list[str]:
+    """Every object name under ``prefix`` as the bucket lists it (no filtering)."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage as gcs
+
+    client = gcs.Client(project="bqx-ml", credentials=AnonymousCredentials())
+    bucket, _, name = prefix[len("gs://"):].partition("/")
+    return sorted(b.name for b in client.list_blobs(bucket, prefix=name))
+
+
+def _table(n=20_000):
+    t0 = dt.datetime(2025, 1, 6, tzinfo=dt.timezone.utc)
+    return pa.table({
+        "interval_time": pa.array([t0 + dt.timedelta(minutes=i) for i in range(n)],
+                                  pa.timestamp("us", tz="UTC")),
+        "v": pa.array([i * 0.5 for i in range(n)], pa.float64()),
+    })
+
+
+def test_atomic_write_read_checksum_list_delete(gcs_emulator, tmp_path):
+    root = _root()
+    path = storage.join(root, "a", "x.parquet")
+    table = _table()
+    with storage.atomic_local_path(path) as tmp:
+        assert not tmp.startswith("gs://")
+        pq.write_table(table, tmp, row_group_size=5_000)
+        local_copy = str(tmp_path / "x.parquet")
+        with open(tmp, "rb") as src, open(local_copy, "wb") as dst:
+            dst.write(src.read())
+        assert not storage.exists(path), "nothing under the final name before the block ends"
+    assert storage.exists(path)
+    assert storage.size(path) == os.path.getsize(local_copy)
+    # The object's CRC32C (from its metadata) is the local computation of the same bytes.
+    assert storage.crc32c(path) == storage.crc32c(local_copy)
+    assert len(storage.crc32c(path)) == 8
+    assert storage.read_bytes(path) == open(local_copy, "rb").read()
+
+    with storage.open_input(path) as source:
+        assert pq.read_metadata(source).num_rows == table.num_rows
+    with storage.open_input(path) as source:
+        pf = pq.ParquetFile(source)
+        assert pf.num_row_groups == 4
+        assert pf.read_row_group(2).equals(table.slice(10_000, 5_000))
+
+    storage.write_bytes(storage.join(root, "a", "b", "r.json"), b"{}")
+    storage.write_bytes(storage.join(root, "c.json"), b"[]")
+    storage.write_bytes(f"{root}-sibling/z.json", b"0")  # shares the text prefix only
+    assert storage.list_files(root) == [f"{root}/a/b/r.json", f"{root}/a/x.parquet",
+                                        f"{root}/c.json"]
+    assert storage.list_files(root + "/a/") == [f"{root}/a/b/r.json", f"{root}/a/x.parquet"]
+    assert storage.count_existing([path, f"{root}/c.json", f"{root}/nope.json"]) == 2
+
+    # Replacing an object works (the upload is conditional on the generation it saw).
+    storage.write_bytes(storage.join(root, "c.json"), b"[1]")
+    assert storage.read_bytes(storage.join(root, "c.json")) == b"[1]"
+
+    storage.delete(path)
+    storage.delete(path)  # deleting what is not there is fine
+    assert not storage.exists(path)
+    assert storage.list_files(root) == [f"{root}/a/b/r.json", f"{root}/c.json"]
+
+
+def test_failure_inside_atomic_block_leaves_no_object(gcs_emulator):
+    root = _root()
+    path = storage.join(root, "shard.parquet")
+    with pytest.raises(RuntimeError):
+        with storage.atomic_local_path(path) as tmp:
+            pq.write_table(_table(1000), tmp)
+            raise RuntimeError("killed mid-write")
+    assert not storage.exists(path)
+    assert _raw_names(root) == []
+
+    storage.write_bytes(path, b"first")
+    with pytest.raises(RuntimeError):
+        with storage.atomic_local_path(path) as tmp:
+            open(tmp, "wb").write(b"second, never published")
+            raise RuntimeError("boom")
+    assert storage.read_bytes(path) == b"first"
+    assert _raw_names(root) == [path[len(f"gs://{BUCKET}/"):]]
+
+
+def test_missing_objects(gcs_emulator):
+    root = _root()
+    missing = storage.join(root, "missing.json")
+    assert not storage.exists(missing)
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(missing)
+    with pytest.raises(FileNotFoundError):
+        storage.size(missing)
+    with pytest.raises(FileNotFoundError):
+        storage.open_input(missing)
+    assert storage.list_files(root) == []
+    storage.delete(missing)
+    from pipelines.checkpoints import read_json
+    assert read_json(missing) is None
+
+
+def test_bigquery_source_lists_columns_and_reads_arrow(bq_warehouse):
+    from pipelines import sql
+    from pipelines.catalog import load_catalog
+    from pipelines.extract.plan import build_tasks, discover
+    from pipelines.schema import bigquery_type
+    from pipelines.sources import BigQuerySource, DuckDBSource, open_source
+    from pipelines.window import Window
+
+    catalog = load_catalog(None)
+    bq = open_source(bq_warehouse["source"])
+    duck = DuckDBSource(bq_warehouse["duckdb"])
+    try:
+        assert isinstance(bq, BigQuerySource) and bq.project == "bqx-ml"
+        for dataset in (catalog.features_dataset, catalog.targets_dataset):
+            got, want = bq.table_columns(dataset), duck.table_columns(dataset)
+            assert list(got) == sorted(want)
+            for table, columns in want.items():
+                assert [(c, bigquery_type(t, c)) for c, t in columns] == \
+                    [(c, bigquery_type(t, c)) for c, t in got[table]], table
+
+        specs = discover(bq, catalog, PAIR)
+        window = Window(dt.datetime(2025, 1, 6, tzinfo=dt.timezone.utc),
+                        dt.datetime(2025, 1, 7, tzinfo=dt.timezone.utc))
+        for spec in (specs[0], specs[-1]):
+            task = build_tasks(catalog, PAIR, [spec], window, "gs://x/ck", 1, "drop", bq.project)[0]
+            assert f"`{bq.project}`." in task.select_sql  # project-qualified GoogleSQL
+            got = bq.query_arrow(task.select_sql)
+            assert got.schema.field(catalog.key).type == pa.timestamp("us", tz="UTC")
+            want = duck.query_arrow(task.select_sql.replace(f"`{bq.project}`.", ""))
+            order = [(n, "ascending") for n in want.schema.names]
+            assert got.num_rows == want.num_rows > 0
+            assert got.sort_by(order).equals(want.cast(got.schema).sort_by(order)), spec.table
+            counts = bq.query_rows(task.count_sql)[0]
+            assert counts == duck.query_rows(task.count_sql.replace(f"`{bq.project}`.", ""))[0]
+        # Scratch result tables are deleted after reading.
+        from google.api_core import exceptions
+        try:
+            left = list(bq._client.list_tables(f"{bq.project}.{bq.scratch_dataset}"))
+        except exceptions.NotFound:
+            left = []
+        assert left == []
+
+        with pytest.raises(PipelineError) as err:
+            bq.query_arrow(f"SELECT `no_such_column` FROM `{bq.project}`."
+                           f"`{catalog.targets_dataset}`.`targets_{PAIR}`")
+        message = str(err.value)
+        assert f"targets_{PAIR}" in message and "no_such_column" in message
+        key_range = sql.key_range(catalog.targets_dataset, f"targets_{PAIR}", catalog.key,
+                                  dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc), bq.project)
+        row = bq.query_rows(key_range)[0]
+        assert row["first_key"].tzinfo is not None
+    finally:
+        bq.close()
+        duck.close()
