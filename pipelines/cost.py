@@ -213,17 +213,28 @@ def estimate(
 
 def bigquery_dry_run(source: str) -> Callable[[str], int]:
     """The hook for ``--dry-run-source``: a function ``scanned_bytes(pair) -> int``
-    that dry-runs the pair's extraction queries on ``source`` and sums their
-    ``totalBytesProcessed``.
-
-    BigQuery access is not part of this build yet, so for now this refuses with an
-    error naming the source; the BigQuery source implementation provides the body.
-    """
+    that plans the pair's extraction on ``source`` (discovery, default window) and sums
+    the ``totalBytesProcessed`` of dry runs of every query it would run."""
     if not source.startswith("bigquery://"):
         raise PipelineError(f"--dry-run-source {source!r}: dry runs need a bigquery://PROJECT "
                             "source (only BigQuery reports the bytes a query would scan)")
-    raise PipelineError(f"--dry-run-source {source}: BigQuery dry runs are not available in "
-                        "this build; leave the flag out to use workload.md's figure")
+
+    def scanned_bytes(pair: str) -> int:
+        from pipelines.catalog import load_catalog
+        from pipelines.extract.plan import make_plan
+        from pipelines.sources import open_source
+        from pipelines.window import DEFAULT_SHARD_DAYS
+
+        bq = open_source(source)
+        try:
+            plan = make_plan(bq, load_catalog(), pair, None, "gs://dry-run/unused",
+                             DEFAULT_SHARD_DAYS, "drop")
+            return sum(bq.dry_run_bytes(t.select_sql) + bq.dry_run_bytes(t.count_sql)
+                       for t in plan.tasks)
+        finally:
+            bq.close()
+
+    return scanned_bytes
 
 
 def _money(x: float) -> str:

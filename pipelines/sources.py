@@ -202,6 +202,18 @@ class BigQuerySource:
         except exceptions.GoogleAPIError as exc:
             raise self._error(exc, googlesql, what) from None
 
+    def dry_run_bytes(self, googlesql: str) -> int:
+        """Bytes BigQuery would scan for ``googlesql`` (a free dry-run job)."""
+        from google.api_core import exceptions as api_errors
+        from google.cloud import bigquery
+
+        config = bigquery.QueryJobConfig(dry_run=True, use_query_cache=False)
+        try:
+            job = self._client.query(str(googlesql), job_config=config, location=self.location)
+        except api_errors.GoogleAPIError as exc:
+            raise self._error(exc, googlesql, "dry run") from None
+        return int(job.total_bytes_processed or 0)
+
     def query_arrow(self, googlesql: str) -> pa.Table:
         from google.api_core import exceptions
 
