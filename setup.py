@@ -43,6 +43,8 @@ setup(
         "merge": MERGE,
         "test": TEST,
         "all": EXTRACT + MERGE,
-        "dev": EXTRACT + MERGE + TEST,
+        # The PNG chart of ``python -m bench.merge --report``.
+        "bench": ["matplotlib>=3.8,<4"],
+        "dev": EXTRACT + MERGE + TEST + ["matplotlib>=3.8,<4"],
     },
 )
