@@ -34,6 +34,7 @@ class DuckDBJoin:
         # DuckDB's share of the budget: the joined window itself lives in Arrow memory.
         self.con.execute(f"SET memory_limit = '{max(memory_budget // 4, 64 << 20)}B'")
         self.con.execute("SET threads = 1")
+        self.con.execute("SET allocator_flush_threshold = '16MB'")
         self.con.execute("SET temp_directory = ?", [temp_dir])
         self.con.execute("SET preserve_insertion_order = true")
         self._queries: dict[tuple[int, int], str] = {}
@@ -64,7 +65,10 @@ class DuckDBJoin:
             result = self.con.execute(self._query(first, batch)).to_arrow_table()
             if result.num_rows != spine.num_rows:
                 raise AssertionError("a LEFT JOIN on unique keys changed the row count")
-            columns.extend(result.columns)
+            # Compact copies: DuckDB hands back vector-sized chunks whose buffers would
+            # otherwise stay alive, several per column, until the window is written.
+            columns.extend(c.combine_chunks() for c in result.columns)
+            del result
             for i in range(len(batch)):
                 self.con.unregister(f"t{first + i}")
             first += len(batch)
