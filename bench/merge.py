@@ -57,8 +57,10 @@ def run_measured(cmd: list[str], cap_seconds: float, cap_rss: int) -> dict:
     err = proc.communicate()[1]
     wall = time.monotonic() - started
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    lines = err.strip().splitlines()
+    errors = [line for line in lines if "Error" in line or line.startswith("error:")]
     return {"code": proc.returncode, "wall": wall, "rss": peak, "killed": killed,
-            "error": "" if proc.returncode == 0 or killed else err.strip().splitlines()[-1:]}
+            "error": "" if proc.returncode == 0 or killed else (errors or lines or [""])[-1][:200]}
 
 
 def _isolated(cmd: list[str], cap_seconds: float, cap_rss: int) -> dict:
@@ -106,7 +108,9 @@ def main(argv=None) -> int:
         p.error(f"unknown runs: {', '.join(sorted(unknown))}")
     work = args.work or tempfile.mkdtemp(prefix="bqx-bench-")
     command = "python -m bench.merge " + " ".join(sys.argv[1:] if argv is None else argv)
-    machine = f"{platform.platform()}, {os.cpu_count()} cores, {_memory()} RAM, Python {platform.python_version()}"
+    machine = (f"{platform.platform()}, {os.cpu_count()} cores, {_memory()} RAM, Python "
+               f"{platform.python_version()}; load average at start {os.getloadavg()[0]:.1f} "
+               "(above 0.5 means other jobs shared the cores and times are upper bounds)")
     print(f"machine: {machine}\ncommand: {command}", flush=True)
     results = []
     try:
