@@ -5,6 +5,9 @@ complete. Locally a file is written beside its final name and renamed into place
 atomic rename on POSIX); in a bucket the file is written to a local temporary and
 uploaded with its CRC32C, which the server checks before the object becomes visible
 (a GCS object appears only when its upload finishes, and never with other bytes).
+Outputs too large for the local disk (the training file: on Cloud Run the disk is
+memory) are streamed to a temporary object beside the final name instead, checked
+there, and published by a server-side copy: :func:`atomic_gcs_object`.
 
 ``gs://`` goes through google-cloud-storage (one client per thread) with the library's
 retry policies, and reads of parquet through ``pyarrow.fs.GcsFileSystem`` (ranged
@@ -210,6 +213,170 @@ def atomic_local_path(final: str) -> Iterator[str]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------- large gs:// outputs
+
+# Bytes a streaming upload holds before sending them (a multiple of 256 KiB, as resumable
+# uploads require): the memory cost of writing an object of any size.
+UPLOAD_CHUNK = 16 << 20
+# Temporaries older than this are leftovers of a killed run (a merge of a pair is hours
+# at most), not the object of a run still in progress.
+STALE_TEMPORARY_SECONDS = 24 * 3600
+
+
+def temporary_name(final: str) -> str:
+    """``{final}.tmp-{12 hex digits}``: where an object is staged before it is published."""
+    return f"{final}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
+
+
+class StagedObject:
+    """A ``gs://`` object written in place under a temporary name, then published.
+
+    For outputs too large for the local disk (on Cloud Run the disk is memory): the
+    bytes go straight to the bucket through a resumable upload of :data:`UPLOAD_CHUNK`
+    bytes per request, so memory stays at a few chunks whatever the size (the library
+    copies the pending chunk: +60 MiB peak RSS for a 350 MiB merge). Use it through
+    :func:`atomic_gcs_object`.
+
+    * :meth:`open_write` streams to the temporary object ``{final}.tmp-{uuid}``
+      (:attr:`path`); the server checks the CRC32C of the whole upload, and the object
+      exists only once the upload is finalised when the block ends without error (an
+      error cancels the upload session; a killed process leaves an unfinalised session,
+      which GCS discards after a week, and no object).
+    * Readers can check :attr:`path` while ``final`` is untouched.
+    * :meth:`publish` copies it to ``final`` server-side (``objects.rewrite``, repeated
+      until done; no bytes pass through this process) and checks the copy's CRC32C.
+    * :meth:`discard` deletes the temporary.
+
+    A process killed after the upload finished and before the temporary was deleted
+    leaves ``{final}.tmp-*`` behind: never under a final name, skipped by
+    :func:`list_files`, and removed by :func:`remove_stale_temporaries` (which the
+    merge runs before it writes the same output) or by a bucket lifecycle rule, e.g.
+    ``{"action": {"type": "Delete"}, "condition": {"age": 2, "matchesPrefix":
+    ["training/training_eurusd.parquet.tmp-", ...]}}`` (one prefix per output; the
+    final name is not matched by its own temporaries' prefix).
+    """
+
+    def __init__(self, final: str):
+        _split(final)
+        self.final = final
+        self.path = temporary_name(final)
+
+    @contextlib.contextmanager
+    def open_write(self) -> Iterator:
+        """A binary stream (``write``/``tell``; ``flush`` does nothing) into :attr:`path`.
+
+        The upload is finalised when the block ends normally and cancelled when it
+        raises. Only for a new temporary name (the upload requires that no object has it).
+        """
+        from google.api_core import exceptions
+        from google.cloud.storage import exceptions as media_errors
+        from google.cloud.storage.retry import DEFAULT_RETRY_IF_GENERATION_SPECIFIED
+
+        writer = _blob(self.path).open(
+            "wb", chunk_size=UPLOAD_CHUNK, ignore_flush=True, if_generation_match=0,
+            checksum="crc32c", content_type="application/octet-stream",
+            retry=DEFAULT_RETRY_IF_GENERATION_SPECIFIED)
+        try:
+            yield writer
+        except BaseException:
+            with contextlib.suppress(Exception):
+                writer.terminate()  # cancel the session: nothing is finalised
+            raise
+        try:
+            writer.close()  # sends the last chunk and finalises the object
+        except media_errors.DataCorruption as exc:
+            raise PipelineError(f"{self.path}: upload corrupted in transit ({exc})") from None
+        except (exceptions.GoogleAPIError, media_errors.InvalidResponse) as exc:
+            raise _gcs_error(self.path, "streaming upload", exc) from None
+
+    def publish(self, overwrite: bool = True) -> None:
+        """Copy :attr:`path` to :attr:`final` on the server (rewrite until done).
+
+        Without ``overwrite`` an existing ``final`` is an error (also when it appears
+        during the copy); with it, the ``final`` seen just before is replaced. The copy
+        is conditional on both generations, which makes retrying it safe.
+        """
+        from google.api_core import exceptions
+        from google.cloud.storage.retry import DEFAULT_RETRY_IF_GENERATION_SPECIFIED
+
+        source = _require_blob(self.path)
+        current = _get_blob(self.final)
+        if current is not None and not overwrite:
+            raise PipelineError(f"{self.final} already exists; not replaced")
+        target = _blob(self.final)
+        token = None
+        try:
+            while True:
+                token, _done, _total = target.rewrite(
+                    source, token=token,
+                    if_generation_match=current.generation if current is not None else 0,
+                    if_source_generation_match=source.generation,
+                    retry=DEFAULT_RETRY_IF_GENERATION_SPECIFIED)
+                if token is None:
+                    break
+        except exceptions.PreconditionFailed:
+            pass  # a retried call that had succeeded, or another writer: checked below
+        except exceptions.GoogleAPIError as exc:
+            raise _gcs_error(self.final, f"copy from {self.path}", exc) from None
+        now = _get_blob(self.final)
+        if now is None or now.crc32c != source.crc32c or now.size != source.size:
+            raise PipelineError(f"{self.final} was written by another writer while "
+                                f"{self.path} was being published (different content)")
+
+    def discard(self) -> None:
+        """Delete the temporary object if it exists (errors only logged: a lifecycle
+        rule or a later run removes what is left)."""
+        try:
+            delete(self.path)
+        except PipelineError as exc:
+            import logging
+
+            logging.getLogger("pipelines.storage").warning(
+                "could not delete the temporary %s (remove it by hand or let a lifecycle "
+                "rule do it): %s", self.path, exc)
+
+
+@contextlib.contextmanager
+def atomic_gcs_object(final: str, overwrite: bool = True) -> Iterator[StagedObject]:
+    """Yield a :class:`StagedObject` for ``final``; publish it when the block succeeds.
+
+    Inside the block write through ``staged.open_write()`` and check ``staged.path``;
+    raise to reject it. When the block ends normally the temporary object is copied to
+    ``final`` server-side; in every case it is then deleted. On any failure ``final``
+    is untouched.
+    """
+    staged = StagedObject(final)
+    try:
+        yield staged
+        staged.publish(overwrite=overwrite)
+    finally:
+        staged.discard()
+
+
+def remove_stale_temporaries(final: str, min_age_seconds: float = STALE_TEMPORARY_SECONDS) -> list[str]:
+    """Delete the ``{final}.tmp-*`` objects last written ``min_age_seconds`` ago or
+    earlier (leftovers of killed runs); return their paths."""
+    import datetime as dt
+
+    from google.api_core import exceptions
+
+    bucket, name = _split(final)
+    cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=min_age_seconds)
+    removed = []
+    try:
+        blobs = list(_client().list_blobs(bucket, prefix=f"{name}{TEMP_MARK}", retry=_retry()))
+    except exceptions.NotFound:
+        return removed
+    except exceptions.GoogleAPIError as exc:
+        raise _gcs_error(final, "listing temporaries", exc) from None
+    for blob in blobs:
+        if blob.updated is None or blob.updated <= cutoff:
+            path = f"gs://{bucket}/{blob.name}"
+            delete(path)
+            removed.append(path)
+    return removed
 
 
 def write_bytes(path: str, data: bytes) -> None:

@@ -19,6 +19,14 @@ import urllib.request
 import pytest
 
 BUCKET = "bqx-test"
+# gcp-storage-emulator serves one request at a time; pyarrow's GCS reader keeps a download
+# open while it issues range reads, which then waits forever. One thread per connection.
+_THREADED_GCS_EMULATOR = """
+import http.server, sys
+http.server.HTTPServer = http.server.ThreadingHTTPServer
+from gcp_storage_emulator.__main__ import main
+main(["-d", sys.argv[1], "start", "--port", sys.argv[2], "--default-bucket", sys.argv[3], "-q"])
+"""
 PROJECT = "bqx-ml"
 BIN = os.path.dirname(sys.executable)
 
@@ -63,8 +71,7 @@ def gcs_emulator(tmp_path_factory):
     port = free_port()
     log = str(data / "emulator.log")
     proc = subprocess.Popen(
-        [os.path.join(BIN, "gcp-storage-emulator"), "-d", str(data), "start", "--port", str(port),
-         "--default-bucket", BUCKET, "-q"],
+        [sys.executable, "-c", _THREADED_GCS_EMULATOR, str(data), str(port), BUCKET],
         stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=str(data))
     host = f"http://127.0.0.1:{port}"
     try:

@@ -88,7 +88,13 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
     """Merge a committed extraction into ``output``; return the validation report dict.
 
     The file appears at ``output`` only after it was written completely and passed
-    validation; on any failure nothing is left behind.
+    validation; on any failure nothing is left behind. A local output is written beside
+    its final name and renamed; a ``gs://`` output (a full pair is ~9 GB, more than the
+    in-memory disk of a Cloud Run job) is streamed to ``{output}.tmp-{uuid}`` in the
+    same bucket, validated there, and copied to ``output`` server-side
+    (:func:`pipelines.storage.atomic_gcs_object`); the temporary is deleted in every
+    case, and leftovers of killed runs older than a day are deleted before the next
+    merge to the same output.
     """
     joiner_cls = joiner_class(method)
     if storage.exists(output) and not overwrite:
@@ -107,21 +113,37 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
     specs = manifest.specs()
     spine_total = manifest.targets["rows"]
     scratch = storage.temp_dir("bqx-merge-")
+
+    def validated(written: str, digest: str):
+        """Validate the merged file at ``written``; raise if it fails."""
+        with cli.stage("validate", path=output) as vout:
+            result = validate_file(written, expected={"spine_rows": spine_total,
+                                                      "spine_digest": digest,
+                                                      "pair": manifest.pair})
+            vout.update(ok=result.ok)
+        if not result.ok:
+            print(result.summary(), file=sys.stderr)
+            raise PipelineError(f"the merged file failed validation and was not "
+                                f"published: {result.hard_failures[0]}")
+        return result
+
     try:
         with cli.stage("merge", method=method, columns=len(schema), spine_rows=spine_total,
                        window_rows=rows_per_window) as out:
-            with storage.atomic_local_path(output) as tmp:
-                digest = _merge_windows(manifest, specs, schema, tmp, joiner_cls, rows_per_window,
-                                        memory_budget, scratch)
-                with cli.stage("validate", path=output) as vout:
-                    report = validate_file(tmp, expected={"spine_rows": spine_total,
-                                                          "spine_digest": digest,
-                                                          "pair": manifest.pair})
-                    vout.update(ok=report.ok)
-                if not report.ok:
-                    print(report.summary(), file=sys.stderr)
-                    raise PipelineError(f"the merged file failed validation and was not "
-                                        f"published: {report.hard_failures[0]}")
+            if storage.is_gcs(output):
+                for stale in storage.remove_stale_temporaries(output):
+                    log.warning("removed %s, left behind by an earlier run", stale)
+                with storage.atomic_gcs_object(output, overwrite=overwrite) as staged:
+                    log.info("[merge] streaming to %s", staged.path)
+                    with staged.open_write() as sink:
+                        digest = _merge_windows(manifest, specs, schema, sink, joiner_cls,
+                                                rows_per_window, memory_budget, scratch)
+                    report = validated(staged.path, digest)
+            else:
+                with storage.atomic_local_path(output) as tmp:
+                    digest = _merge_windows(manifest, specs, schema, tmp, joiner_cls,
+                                            rows_per_window, memory_budget, scratch)
+                    report = validated(tmp, digest)
             out.update(output=output, rows=spine_total)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -130,9 +152,10 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
     return report
 
 
-def _merge_windows(manifest: Manifest, specs, schema: pa.Schema, path: str, joiner_cls,
+def _merge_windows(manifest: Manifest, specs, schema: pa.Schema, path, joiner_cls,
                    rows_per_window: int, memory_budget: int, scratch: str) -> str:
-    """Stream every window through the join into ``path``; return the spine digest."""
+    """Stream every window through the join into ``path`` (a local path or a writable
+    binary stream); return the spine digest."""
     key = manifest.key
     cursors = [
         DayCursor(f"{s.dataset}.{s.table}", manifest.shard_files(entry),

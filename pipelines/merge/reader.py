@@ -60,6 +60,11 @@ class DayCursor:
         source = None
         try:
             source = storage.open_input(self._path)
+            # No pre-buffering, in a bucket too: it would fetch a row group in one
+            # coalesced request instead of one per column chunk (5-6x faster against the
+            # emulator), but each cursor then keeps its last row group's bytes until its
+            # next read, 667 of them: +110 to +300 MiB peak RSS, measured on 3,000
+            # full-width rows.
             self._file = pq.ParquetFile(source, page_checksum_verification=True, pre_buffer=False)
         except (OSError, pa.ArrowException) as exc:
             if source is not None:
