@@ -10,10 +10,11 @@ from pipelines.errors import PipelineError
 DEFAULT_BUDGET = "1.5GiB"
 # Interpreter, pyarrow, polars or duckdb and the open checkpoint readers.
 FIXED_OVERHEAD = 400 << 20
-# Peak memory per byte of a window's joined result: the result itself, one table's
-# input and the writer's encoded column chunk at a time, and allocator slack. Measured:
-# a 5,760-row full-width window (775 MB) peaked at 1.72 GB RSS with the Polars join.
-WINDOW_COPIES = 2.0
+# Peak memory per byte of a window's joined result: the window being written, the next
+# one being joined, one table's input and the writer's column chunk, allocator slack.
+# Measured without the overlap: a 5,760-row full-width window (775 MB) peaked at 1.72 GB
+# RSS with the Polars join (1.75 copies); the overlap adds one window.
+WINDOW_COPIES = 3.0
 MIN_WINDOW, MAX_WINDOW = 256, 65536
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20,

@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
@@ -173,15 +174,27 @@ def _merge_windows(manifest: Manifest, specs, schema: pa.Schema, path, joiner_cl
     joiner = joiner_cls(key, schema, memory_budget, scratch)
     progress = cli.Progress("merge", len(spine_keys), "rows")
     done = 0
+    # Window k is encoded and written on a background thread (pyarrow releases the GIL)
+    # while window k+1 is read and joined: two windows are alive at once, which the
+    # budget model counts (budget.WINDOW_COPIES).
+    background = ThreadPoolExecutor(1, thread_name_prefix="merge-writer")
+    pending = None
     try:
         for _first_day, last_day in windows:
             spine = spine_cursor.read_through(last_day)
             parts = (c.read_through(last_day) for c in feature_cursors)
-            writer.write(joiner.join(spine, parts))
+            table = joiner.join(spine, parts)
+            if pending is not None:
+                pending.result()
+            pending = background.submit(writer.write, table)
+            del table
             done += spine.num_rows
             progress.update(done)
+        if pending is not None:
+            pending.result()
         writer.close()
     finally:
+        background.shutdown(wait=True)
         joiner.close()
         progress.close()
         for cursor in cursors:
