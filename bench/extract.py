@@ -15,7 +15,6 @@ same number of workers.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil

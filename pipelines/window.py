@@ -75,6 +75,15 @@ def window_from_dates(start: dt.date, end: dt.date) -> Window:
     )
 
 
+def window_from_options(start: str | None, end: str | None) -> Window | None:
+    """The window of ``--start-date``/``--end-date`` (both or neither; None for neither)."""
+    if not (start or end):
+        return None
+    if not (start and end):
+        raise PipelineError("give both --start-date and --end-date, or neither")
+    return window_from_dates(parse_date(start, "--start-date"), parse_date(end, "--end-date"))
+
+
 def window_covering(first_key: dt.datetime, last_key: dt.datetime) -> Window:
     """The whole-day window that covers the keys ``first_key`` .. ``last_key``."""
     return window_from_dates(first_key.astimezone(UTC).date(), last_key.astimezone(UTC).date())

@@ -76,3 +76,14 @@ def test_select_list_refuses_anything_but_plain_identifiers():
     bad = TableSpec("ds", "t", "pair", False, "t", (Column("a`b", "t_a`b", "FLOAT64"),))
     with pytest.raises(ValueError, match="not a plain identifier"):
         sql.select_shard(bad, "interval_time", w)
+
+
+def test_window_from_options_both_or_neither():
+    from pipelines.window import window_from_options
+
+    assert window_from_options(None, None) is None
+    assert window_from_options("2025-01-06", "2025-01-06").end == dt.datetime(2025, 1, 7, tzinfo=UTC)
+    with pytest.raises(PipelineError, match="both --start-date and --end-date"):
+        window_from_options("2025-01-06", None)
+    with pytest.raises(PipelineError, match="not a date"):
+        window_from_options("2025-13-01", "2025-01-06")

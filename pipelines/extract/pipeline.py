@@ -17,7 +17,7 @@ from pipelines.extract.plan import ExtractionPlan, make_plan
 from pipelines.extract.transforms import FAILED, ExtractShards
 from pipelines.extract.verify import ExtractionIncomplete, commit_manifest
 from pipelines.sources import default_warehouse_path, open_source
-from pipelines.window import parse_date, window_from_dates
+from pipelines.window import window_from_options
 
 log = logging.getLogger("pipelines.extract")
 
@@ -84,12 +84,7 @@ def run(argv: list[str] | None = None) -> int:
     catalog = load_catalog(opts.catalog)
     pair = catalog.check_pair(opts.pair)
     root = storage.resolve_local(opts.checkpoint_root or default_checkpoint_root())
-    window = None
-    if opts.start_date or opts.end_date:
-        if not (opts.start_date and opts.end_date):
-            raise PipelineError("give both --start-date and --end-date, or neither")
-        window = window_from_dates(parse_date(opts.start_date, "--start-date"),
-                                   parse_date(opts.end_date, "--end-date"))
+    window = window_from_options(opts.start_date, opts.end_date)
     source_url = resolve_source(opts, opts.catalog, pair)
 
     with cli.stage("discover", pair=pair, source=source_url) as out:

@@ -12,7 +12,6 @@ import logging
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipelines import checkpoints
 from pipelines.checkpoints import ShardTask

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import shutil
@@ -19,7 +18,7 @@ from pipelines.merge import budget as budgets
 from pipelines.merge.reader import DayCursor, plan_windows
 from pipelines.merge.writer import TrainingFileWriter
 from pipelines.validate import KeyDigest, default_report_path, validate_file
-from pipelines.window import parse_date, window_from_dates
+from pipelines.window import window_from_options
 
 log = logging.getLogger("pipelines.merge")
 
@@ -267,12 +266,7 @@ def run(argv: list[str] | None = None) -> int:
         output = args.output or default_bigquery_output()
     else:
         output = storage.resolve_local(args.output or default_output(pair))
-    window = None
-    if args.start_date or args.end_date:
-        if not (args.start_date and args.end_date):
-            raise PipelineError("give both --start-date and --end-date, or neither")
-        window = window_from_dates(parse_date(args.start_date, "--start-date"),
-                                   parse_date(args.end_date, "--end-date"))
+    window = window_from_options(args.start_date, args.end_date)
     manifest = checkpoints.load_manifest(root, pair, window)
     started = time.monotonic()
     if args.method == "bigquery":
