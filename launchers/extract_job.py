@@ -6,7 +6,7 @@ flags go to ``pipelines.extract`` as they are (Beam flags included).
 """
 import sys
 
-from launchers.job_env import flags, pair_for_task
+from launchers.job_env import run_for_task
 from pipelines.cli import run_main
 
 
@@ -14,9 +14,7 @@ def main(argv=None) -> int:
     """Run the extract job for this task's pair."""
     from pipelines.extract.pipeline import run
 
-    argv = sys.argv[1:] if argv is None else argv
-    pair = pair_for_task(argv)
-    return run(["--pair", pair, *flags(argv)])
+    return run_for_task(run, argv)
 
 
 if __name__ == "__main__":

@@ -43,3 +43,12 @@ def flags(argv: list[str]) -> list[str]:
             out.append(a)
             skip = "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("-")
     return out
+
+
+def run_for_task(job_run, argv: list[str] | None) -> int:
+    """Call a job's ``run(argv)`` with this task's pair (see :func:`pair_for_task`) and
+    the remaining flags."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    return job_run(["--pair", pair_for_task(argv), *flags(argv)])

@@ -5,7 +5,7 @@ GCS_CHECKPOINT_BUCKET, GCS_OUTPUT_BUCKET, MERGE_METHOD, MEMORY_BUDGET.
 """
 import sys
 
-from launchers.job_env import flags, pair_for_task
+from launchers.job_env import run_for_task
 from pipelines.cli import run_main
 
 
@@ -13,9 +13,7 @@ def main(argv=None) -> int:
     """Run the merge job for this task's pair."""
     from pipelines.merge.job import run
 
-    argv = sys.argv[1:] if argv is None else argv
-    pair = pair_for_task(argv)
-    return run(["--pair", pair, *flags(argv)])
+    return run_for_task(run, argv)
 
 
 if __name__ == "__main__":
