@@ -1,4 +1,4 @@
-"""How many spine rows a merge window holds, from the memory budget."""
+"""The merge's shape from its memory budget: row-group rows and column batches."""
 from __future__ import annotations
 
 import re
@@ -10,12 +10,13 @@ from pipelines.errors import PipelineError
 DEFAULT_BUDGET = "1.5GiB"
 # Interpreter, pyarrow, polars or duckdb and the open checkpoint readers.
 FIXED_OVERHEAD = 400 << 20
-# Peak memory per byte of a window's joined result: the window being written, the next
-# one being joined, one table's input and the writer's column chunk, allocator slack.
-# Measured without the overlap: a 5,760-row full-width window (775 MB) peaked at 1.72 GB
-# RSS with the Polars join (1.75 copies); the overlap adds one window.
-WINDOW_COPIES = 3.0
-MIN_WINDOW, MAX_WINDOW = 256, 65536
+# Rows per row group of the training file (whole days up to this many). Large on
+# purpose: the footer grows by ~1.3 MiB per row group at 17,000 columns, and readers
+# parse all of it; 131,072 float64 rows make 1 MiB column chunks.
+ROW_GROUP_ROWS = 131_072
+# Peak memory per byte of one column batch of a row group: the batch being encoded, its
+# encoded bytes, the next batch being joined and that batch's input tables.
+BATCH_COPIES = 4.0
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20,
           "mb": 1000 ** 2, "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30}
@@ -39,11 +40,31 @@ def row_bytes(schema: pa.Schema) -> int:
     return total
 
 
-def window_rows(schema: pa.Schema, budget: int) -> int:
-    """Spine rows per window so that a merge of ``schema`` stays within ``budget``."""
+def _usable(budget: int) -> int:
     usable = budget - FIXED_OVERHEAD
     if usable <= 0:
         raise PipelineError(f"--memory-budget {budget} bytes is below the merge's fixed "
                             f"overhead of {FIXED_OVERHEAD >> 20} MiB")
-    rows = int(usable // (row_bytes(schema) * WINDOW_COPIES))
-    return int(max(MIN_WINDOW, min(MAX_WINDOW, rows)))
+    return usable
+
+
+def column_batches(table_row_bytes: list[int], rows: int, budget: int) -> list[list[int]]:
+    """Group consecutive tables (by index) into column batches whose columns, for
+    ``rows`` rows, fit the budget; a table larger than that is a batch of its own."""
+    limit = _usable(budget) / BATCH_COPIES
+    batches: list[list[int]] = []
+    size = 0.0
+    for i, per_row in enumerate(table_row_bytes):
+        cost = per_row * rows
+        if batches and size + cost <= limit:
+            batches[-1].append(i)
+            size += cost
+        else:
+            batches.append([i])
+            size = cost
+    return batches
+
+
+def validation_columns(rows: int, budget: int) -> int:
+    """Columns per read when validating row groups of ``rows`` rows within ``budget``."""
+    return int(max(16, min(2000, _usable(budget) / 2 / (max(rows, 1) * 8))))

@@ -84,7 +84,8 @@ def default_bigquery_output() -> str:
 
 
 def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
-          overwrite: bool = False, check_content: bool = True) -> dict:
+          overwrite: bool = False, check_content: bool = True,
+          row_group_rows: int = budgets.ROW_GROUP_ROWS) -> dict:
     """Merge a committed extraction into ``output``; return the validation report dict.
 
     The file appears at ``output`` only after it was written completely and passed
@@ -109,7 +110,6 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
         out.update(shards=manifest.totals()["shards"])
 
     schema = output_schema(manifest)
-    rows_per_window = budgets.window_rows(schema, memory_budget)
     specs = manifest.specs()
     spine_total = manifest.targets["rows"]
     scratch = storage.temp_dir("bqx-merge-")
@@ -119,7 +119,9 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
         with cli.stage("validate", path=output) as vout:
             result = validate_file(written, expected={"spine_rows": spine_total,
                                                       "spine_digest": digest,
-                                                      "pair": manifest.pair})
+                                                      "pair": manifest.pair},
+                                   columns_per_batch=budgets.validation_columns(
+                                       min(row_group_rows, spine_total), memory_budget))
             vout.update(ok=result.ok)
         if not result.ok:
             print(result.summary(), file=sys.stderr)
@@ -129,20 +131,20 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
 
     try:
         with cli.stage("merge", method=method, columns=len(schema), spine_rows=spine_total,
-                       window_rows=rows_per_window) as out:
+                       row_group_rows=row_group_rows) as out:
             if storage.is_gcs(output):
                 for stale in storage.remove_stale_temporaries(output):
                     log.warning("removed %s, left behind by an earlier run", stale)
                 with storage.atomic_gcs_object(output, overwrite=overwrite) as staged:
                     log.info("[merge] streaming to %s", staged.path)
                     with staged.open_write() as sink:
-                        digest = _merge_windows(manifest, specs, schema, sink, joiner_cls,
-                                                rows_per_window, memory_budget, scratch)
+                        digest = _merge_row_groups(manifest, specs, schema, sink, joiner_cls,
+                                                   row_group_rows, memory_budget, scratch)
                     report = validated(staged.path, digest)
             else:
                 with storage.atomic_local_path(output) as tmp:
-                    digest = _merge_windows(manifest, specs, schema, tmp, joiner_cls,
-                                            rows_per_window, memory_budget, scratch)
+                    digest = _merge_row_groups(manifest, specs, schema, tmp, joiner_cls,
+                                               row_group_rows, memory_budget, scratch)
                     report = validated(tmp, digest)
             out.update(output=output, rows=spine_total)
     finally:
@@ -152,55 +154,74 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
     return report
 
 
-def _merge_windows(manifest: Manifest, specs, schema: pa.Schema, path, joiner_cls,
-                   rows_per_window: int, memory_budget: int, scratch: str) -> str:
-    """Stream every window through the join into ``path`` (a local path or a writable
-    binary stream); return the spine digest."""
+def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner_cls,
+                      row_group_rows: int, memory_budget: int, scratch: str) -> str:
+    """Stream every row group, a column batch at a time, through the join into ``path``
+    (a local path or a writable binary stream); return the spine digest."""
     key = manifest.key
     cursors = [
         DayCursor(f"{s.dataset}.{s.table}", manifest.shard_files(entry),
                   checkpoints.output_schema(s, key))
         for s, entry in zip(specs, manifest.tables)
     ]
-    spine_cursor, feature_cursors = cursors[0], cursors[1:]
+    spine_cursor = cursors[0]
     planner = DayCursor(spine_cursor.label, manifest.shard_files(manifest.targets), spine_cursor.schema)
-    windows = plan_windows(planner.day_rows(), rows_per_window)
+    day_rows = planner.day_rows()
+    groups = plan_windows(day_rows, row_group_rows)
+    largest = max((sum(n for day, n in day_rows if first <= day <= last) for first, last in groups),
+                  default=0)
+    # Batch b of a row group joins the tables batches[b] (index 0 is the spine: key and
+    # targets come first); a batch's size, not the row group's, is what the budget bounds.
+    batches = budgets.column_batches(
+        [budgets.row_bytes(c.schema if i == 0 else pa.schema(list(c.schema)[1:]))
+         for i, c in enumerate(cursors)], largest, memory_budget)
     # The digest goes in the footer; computing it first from the key column alone
     # (a few MB even for the full history) lets the footer be written in one go.
     spine_keys = _spine_keys(manifest, specs[0])
     digest = KeyDigest().update(spine_keys)
     writer = TrainingFileWriter(path, schema, file_metadata(manifest, len(spine_keys), digest.hexdigest()))
     joiner = joiner_cls(key, schema, memory_budget, scratch)
-    progress = cli.Progress("merge", len(spine_keys), "rows")
-    done = 0
-    # Window k is encoded and written on a background thread (pyarrow releases the GIL)
-    # while window k+1 is read and joined: two windows are alive at once, which the
-    # budget model counts (budget.WINDOW_COPIES).
+    progress = cli.Progress("merge", len(groups) * len(batches), "column batches")
+    log.info("[merge] %d row group(s) of up to %d rows, %d column batches each",
+             len(groups), largest, len(batches))
+    done = rows = 0
+    # Batch k is encoded and written on a background thread (pyarrow releases the GIL)
+    # while batch k+1 is read and joined: two batches are alive at once, which the
+    # budget model counts (budget.BATCH_COPIES). Every writer call goes through that
+    # one thread, so they stay in order.
     background = ThreadPoolExecutor(1, thread_name_prefix="merge-writer")
-    pending = None
+    pending = background.submit(lambda: None)
     try:
-        for _first_day, last_day in windows:
+        for _first_day, last_day in groups:
             spine = spine_cursor.read_through(last_day)
-            parts = (c.read_through(last_day) for c in feature_cursors)
-            table = joiner.join(spine, parts)
-            if pending is not None:
+            keys = spine.select([key])
+            pending = background.submit(writer.begin_row_group, spine.num_rows)
+            for batch in batches:
+                base = spine if batch[0] == 0 else keys
+                parts = (cursors[i].read_through(last_day) for i in batch if i != 0)
+                table = joiner.join(base, parts)
+                if batch[0] != 0:
+                    table = table.drop_columns([key])
                 pending.result()
-            pending = background.submit(writer.write, table)
-            del table
-            done += spine.num_rows
-            progress.update(done)
-        if pending is not None:
+                pending = background.submit(writer.write_columns, table)
+                del table
+                done += 1
+                progress.update(done)
             pending.result()
+            pending = background.submit(writer.end_row_group)
+            rows += spine.num_rows
+        pending.result()
         writer.close()
     finally:
         background.shutdown(wait=True)
+        writer.discard()
         joiner.close()
         progress.close()
         for cursor in cursors:
             cursor.close()
-    if done != len(spine_keys):
+    if rows != len(spine_keys):
         raise PipelineError(f"spine of {manifest.pair} changed while merging "
-                            f"({done} rows read, {len(spine_keys)} expected)")
+                            f"({rows} rows read, {len(spine_keys)} expected)")
     return digest.hexdigest()
 
 
@@ -236,6 +257,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--end-date", default=cli.env_default("END_DATE"))
     p.add_argument("--catalog", default=cli.env_default("BQX_CATALOG"), help="catalog TOML file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--row-group-rows", type=int,
+                   default=int(cli.env_default("ROW_GROUP_ROWS", budgets.ROW_GROUP_ROWS)),
+                   help=f"rows per row group of the training file, whole days up to this "
+                        f"[ROW_GROUP_ROWS] (default {budgets.ROW_GROUP_ROWS})")
     p.add_argument("--dry-run", action="store_true",
                    help="bigquery method: print the SQL, bytes scanned and cost; export nothing")
     p.add_argument("--staging", default=cli.env_default("BQX_MERGE_STAGING", "external"),
@@ -261,6 +286,8 @@ def run(argv: list[str] | None = None) -> int:
     if args.method != "bigquery" and args.dry_run:
         raise PipelineError("--dry-run is only for --method bigquery")
     memory_budget = budgets.parse_size(args.memory_budget)
+    if args.row_group_rows < 1:
+        raise PipelineError(f"--row-group-rows must be at least 1, not {args.row_group_rows}")
     root = storage.resolve_local(args.checkpoint_root or checkpoints.default_checkpoint_root())
     if args.method == "bigquery":
         output = args.output or default_bigquery_output()
@@ -285,7 +312,8 @@ def run(argv: list[str] | None = None) -> int:
             print(f"{prefix}/ ({len(result['parts'])} parts, {result['spine_rows']:,} rows; "
                   f"{bq_merge.LAYOUT_NAME} written)")
         return cli.EXIT_OK
-    report = merge(manifest, output, args.method, memory_budget, overwrite=args.overwrite)
+    report = merge(manifest, output, args.method, memory_budget, overwrite=args.overwrite,
+                   row_group_rows=args.row_group_rows)
     print(report.summary())
     log.info("[merge] %s: %d rows x %d columns in %.1fs; report %s", output, report.rows,
              report.columns, time.monotonic() - started, default_report_path(output))

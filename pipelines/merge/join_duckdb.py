@@ -54,9 +54,10 @@ class DuckDBJoin:
         return self._queries[cache_key]
 
     def join(self, spine: pa.Table, parts: Iterable[pa.Table]) -> pa.Table:
-        """``spine`` (key + targets) with every part's columns LEFT JOINed on the key."""
+        """``spine`` (the key first) with every part's columns LEFT JOINed on the key;
+        column types are DuckDB's (the writer casts to the training schema)."""
         self.con.register("spine_keys", spine.select([self.key]))
-        columns = list(spine.columns)
+        columns, names = list(spine.columns), list(spine.schema.names)
         parts = iter(parts)
         first = 0
         while batch := list(itertools.islice(parts, TABLES_PER_QUERY)):
@@ -68,12 +69,13 @@ class DuckDBJoin:
             # Compact copies: DuckDB hands back vector-sized chunks whose buffers would
             # otherwise stay alive, several per column, until the window is written.
             columns.extend(c.combine_chunks() for c in result.columns)
+            names.extend(result.schema.names)
             del result
             for i in range(len(batch)):
                 self.con.unregister(f"t{first + i}")
             first += len(batch)
         self.con.unregister("spine_keys")
-        return pa.Table.from_arrays(columns, schema=self.schema)
+        return pa.Table.from_arrays(columns, names=names)
 
     def close(self) -> None:
         """Close the connection."""

@@ -24,18 +24,20 @@ class PolarsJoin:
         self.schema = schema
 
     def join(self, spine: pa.Table, parts: Iterable[pa.Table]) -> pa.Table:
-        """``spine`` (key + targets) with every part's columns LEFT JOINed on the key."""
+        """``spine`` (the key first) with every part's columns LEFT JOINed on the key;
+        column types are the parts' own (the writer casts to the training schema)."""
         spine_keys = int_keys(spine.column(0))
         keys = pl.from_arrow(spine.select([self.key]))
-        columns = list(spine.columns)
+        columns, names = list(spine.columns), list(spine.schema.names)
         for part in parts:
+            names.extend(part.schema.names[1:])
             if part.num_rows == len(spine_keys) and np.array_equal(int_keys(part.column(0)), spine_keys):
                 columns.extend(part.columns[1:])
                 continue
             joined = keys.join(pl.from_arrow(part), on=self.key, how="left",
                                maintain_order="left").drop(self.key)
             columns.extend(joined.to_arrow().columns)
-        return pa.Table.from_arrays(columns, names=self.schema.names).cast(self.schema)
+        return pa.Table.from_arrays(columns, names=names)
 
     def close(self) -> None:
         """Nothing to release."""

@@ -1,45 +1,171 @@
-"""Writing the training file: one row group per window, published only when complete."""
+"""Writing the training file: large row groups, assembled a column batch at a time.
+
+With ~17,000 columns a parquet footer costs ~80 bytes per column chunk, 1.3 MiB per
+row group, and every reader parses all of it even to read 50 columns. One row group per
+merge window (what fits in memory, a few thousand rows) gave a 100,000-row file a footer
+of 40+ MiB and made DuckDB take 2-5 s to read 50 columns. So row groups are large
+(:data:`pipelines.merge.budget.ROW_GROUP_ROWS`) and each is written a column batch at a
+time: pyarrow encodes the batch as a one-row-group parquet file in memory, its column
+chunks are appended to the output as they are, and its footer entries, with their byte
+offsets moved, are kept for the file's footer. (pyarrow's own writer can only write a
+row group from one table holding all of its columns.)
+"""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.merge import thrift_compact as tc
+
 METADATA_KEY = b"bqx.training"
 OUTPUT_COMPRESSION = "zstd"
 OUTPUT_COMPRESSION_LEVEL = 1
+MAGIC = b"PAR1"
+
+# Field ids of parquet.thrift that hold byte offsets into the file.
+_CHUNK_OFFSETS = (2, 4, 6)          # ColumnChunk: file_offset, offset/column index offsets
+_COLUMN_META = 3                    # ColumnChunk.meta_data
+_META_OFFSETS = (9, 10, 11, 14)     # ColumnMetaData: data/index/dictionary page, bloom filter
+_RG_COLUMNS, _RG_BYTES, _RG_ROWS, _RG_OFFSET, _RG_COMPRESSED = 1, 2, 3, 5, 6
+_FMD_SCHEMA, _FMD_ROWS, _FMD_ROW_GROUPS, _FMD_KV = 2, 3, 4, 5
+
+
+def _encoding_options(schema: pa.Schema, key: str) -> dict:
+    """Statistics only on the key (they let readers skip row groups by time; on every
+    column they would make the footer several times larger), dictionary encoding only
+    for strings, no Arrow schema blob (parquet's own schema round-trips these types)."""
+    strings = [f.name for f in schema if pa.types.is_string(f.type)]
+    return dict(compression=OUTPUT_COMPRESSION, compression_level=OUTPUT_COMPRESSION_LEVEL,
+                use_dictionary=strings or False,
+                write_statistics=[key] if key in schema.names else False,
+                store_schema=False)
+
+
+def encode_row_group(table: pa.Table, key: str) -> pa.Buffer:
+    """``table`` as a parquet file of one row group, in memory."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=max(table.num_rows, 1),
+                   **_encoding_options(table.schema, key))
+    return sink.getvalue()
+
+
+def read_footer(data: pa.Buffer) -> tuple[dict, int]:
+    """The decoded FileMetaData of an in-memory parquet file and its start offset."""
+    tail = data[len(data) - 8:].to_pybytes()
+    if tail[4:] != MAGIC:
+        raise ValueError("not a parquet file")
+    start = len(data) - 8 - int.from_bytes(tail[:4], "little")
+    return tc.decode_struct(data[start:len(data) - 8].to_pybytes()), start
+
+
+def _shift(fields: dict, ids: tuple[int, ...], by: int) -> None:
+    for fid in ids:
+        if fid in fields and fields[fid][1] > 0:
+            ctype, value = fields[fid]
+            fields[fid] = (ctype, value + by)
 
 
 class TrainingFileWriter:
-    """A parquet writer tuned for ~17,000 columns.
+    """Writes the training file to a local path or a writable binary stream.
 
-    Statistics only on the key (they let readers skip row groups by time, and on every
-    column they would make the footer several times larger), dictionary encoding only
-    for strings, no Arrow schema blob (parquet's own schema round-trips these types).
+    Call ``begin_row_group``, then ``write_columns`` with consecutive column batches of
+    the schema (the first starts with the key), then ``end_row_group``; ``close`` writes
+    the footer with the ``bqx.training`` metadata. Only one batch's encoded bytes are in
+    memory at a time.
     """
 
-    def __init__(self, path: str, schema: pa.Schema, metadata: dict[str, Any]):
+    def __init__(self, sink: str | BinaryIO, schema: pa.Schema, metadata: dict[str, Any]):
         self.schema = schema
-        self._metadata = {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()}
-        strings = [f.name for f in schema if pa.types.is_string(f.type)]
-        self._writer = pq.ParquetWriter(
-            path, self.schema,
-            compression=OUTPUT_COMPRESSION,
-            compression_level=OUTPUT_COMPRESSION_LEVEL,
-            use_dictionary=strings or False,
-            write_statistics=[schema.names[0]],
-            store_schema=False,
-        )
+        self.key = schema.names[0]
+        self._metadata = json.dumps(metadata, sort_keys=True).encode()
+        self._owns_sink = isinstance(sink, str)
+        self._out: BinaryIO = open(sink, "wb") if self._owns_sink else sink
+        self._pos = 0
+        self._row_groups: list[dict] = []
+        self._group: dict | None = None
+        self._next_column = 0
         self.rows = 0
+        self._emit(MAGIC)
+
+    def _emit(self, data) -> None:
+        self._out.write(data)
+        self._pos += len(data)
+
+    def begin_row_group(self, num_rows: int) -> None:
+        """Start a row group of ``num_rows`` rows."""
+        if self._group is not None:
+            raise RuntimeError("the previous row group is still open")
+        self._group = {_RG_COLUMNS: (tc.LIST, (tc.STRUCT, [])), _RG_BYTES: (tc.I64, 0),
+                       _RG_ROWS: (tc.I64, num_rows), _RG_COMPRESSED: (tc.I64, 0)}
+        self._next_column = 0
+
+    def write_columns(self, table: pa.Table) -> None:
+        """Append the open row group's next columns (all of its rows)."""
+        group = self._group
+        if group is None:
+            raise RuntimeError("write_columns outside a row group")
+        expected = pa.schema([self.schema.field(i) for i in
+                              range(self._next_column, self._next_column + table.num_columns)])
+        if table.schema.names != expected.names:
+            raise ValueError(f"columns {table.schema.names[:3]}... do not follow column "
+                             f"{self._next_column} of the training schema")
+        if table.num_rows != group[_RG_ROWS][1]:
+            raise ValueError(f"{table.num_rows} rows for a row group of {group[_RG_ROWS][1]}")
+        data = encode_row_group(table.cast(expected), self.key)
+        meta, footer_start = read_footer(data)
+        (piece,) = meta[_FMD_ROW_GROUPS][1][1]
+        by = self._pos - len(MAGIC)  # the piece's bytes move from offset 4 to self._pos
+        for chunk in piece[_RG_COLUMNS][1][1]:
+            _shift(chunk, _CHUNK_OFFSETS, by)
+            _shift(chunk[_COLUMN_META][1], _META_OFFSETS, by)
+            group[_RG_COLUMNS][1][1].append(chunk)
+        if _RG_OFFSET not in group and _RG_OFFSET in piece:
+            group[_RG_OFFSET] = (tc.I64, piece[_RG_OFFSET][1] + by)
+        for fid in (_RG_BYTES, _RG_COMPRESSED):
+            if fid in piece:
+                group[fid] = (tc.I64, group[fid][1] + piece[fid][1])
+        self._emit(memoryview(data)[len(MAGIC):footer_start])
+        self._next_column += table.num_columns
+
+    def end_row_group(self) -> None:
+        """Close the open row group; every column must have been written."""
+        group = self._group
+        if group is None or self._next_column != len(self.schema):
+            raise RuntimeError(f"row group closed after {self._next_column} of "
+                               f"{len(self.schema)} columns")
+        self._row_groups.append(group)
+        self.rows += group[_RG_ROWS][1]
+        self._group = None
 
     def write(self, table: pa.Table) -> None:
-        """Append ``table`` as one row group."""
-        self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
-        self.rows += table.num_rows
+        """Append ``table`` (every column) as one row group."""
+        self.begin_row_group(table.num_rows)
+        self.write_columns(table)
+        self.end_row_group()
+
+    def discard(self) -> None:
+        """Close a sink this writer opened, without a footer (after a failure; the
+        caller removes the file). Harmless after :meth:`close`."""
+        if self._owns_sink and not self._out.closed:
+            self._out.close()
 
     def close(self) -> None:
-        """Write the footer (with the ``bqx.training`` metadata)."""
-        self._writer.add_key_value_metadata(self._metadata)
-        self._writer.close()
+        """Write the footer and close a sink this writer opened."""
+        if self._group is not None:
+            raise RuntimeError("close with a row group still open")
+        # The schema, column orders, version and writer name of an empty file of the
+        # same schema: exactly what pyarrow would have written.
+        template, _ = read_footer(encode_row_group(self.schema.empty_table(), self.key))
+        template[_FMD_ROWS] = (tc.I64, self.rows)
+        template[_FMD_ROW_GROUPS] = (tc.LIST, (tc.STRUCT, self._row_groups))
+        template[_FMD_KV] = (tc.LIST, (tc.STRUCT, [
+            {1: (tc.BINARY, METADATA_KEY), 2: (tc.BINARY, self._metadata)}]))
+        footer = tc.encode_struct(template)
+        self._emit(footer)
+        self._emit(len(footer).to_bytes(4, "little"))
+        self._emit(MAGIC)
+        if self._owns_sink:
+            self._out.close()
