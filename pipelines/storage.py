@@ -415,6 +415,11 @@ def size(path: str) -> int:
     return os.path.getsize(path)
 
 
+def bytes_crc32c(data) -> str:
+    """CRC32C of in-memory bytes as 8 hex digits (what :func:`crc32c` gives for a file)."""
+    return google_crc32c.Checksum(data).digest().hex()
+
+
 def _file_crc32c(path: str) -> str:
     checksum = google_crc32c.Checksum()
     with open(path, "rb") as fh:

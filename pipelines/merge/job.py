@@ -9,13 +9,14 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pyarrow as pa
 
 from pipelines import checkpoints, cli, storage
 from pipelines.checkpoints import Manifest
 from pipelines.errors import PipelineError
 from pipelines.merge import budget as budgets
-from pipelines.merge.reader import DayCursor, plan_windows
+from pipelines.merge.reader import ShardCursor, plan_row_groups
 from pipelines.merge.writer import TrainingFileWriter
 from pipelines.validate import KeyDigest, default_report_path, validate_file
 from pipelines.window import window_from_options
@@ -84,8 +85,7 @@ def default_bigquery_output() -> str:
 
 
 def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
-          overwrite: bool = False, check_content: bool = True,
-          row_group_rows: int = budgets.ROW_GROUP_ROWS) -> dict:
+          overwrite: bool = False, row_group_rows: int = budgets.ROW_GROUP_ROWS) -> dict:
     """Merge a committed extraction into ``output``; return the validation report dict.
 
     The file appears at ``output`` only after it was written completely and passed
@@ -101,7 +101,9 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
     if storage.exists(output) and not overwrite:
         raise PipelineError(f"output {output} already exists; pass --overwrite to replace it")
     with cli.stage("preflight", tables=len(manifest.tables)) as out:
-        problems = checkpoints.verify_checkpoints(manifest, check_content=check_content)
+        # Presence, sizes, footers and schemas here; the bytes' CRC32C is checked as
+        # each shard is read for the join (reader.ShardCursor), so nothing is read twice.
+        problems = checkpoints.verify_checkpoints(manifest, check_content=False)
         if problems:
             for p in problems:
                 log.error("checkpoint: %s", p)
@@ -159,17 +161,16 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
     """Stream every row group, a column batch at a time, through the join into ``path``
     (a local path or a writable binary stream); return the spine digest."""
     key = manifest.key
+    listed_in = checkpoints.manifest_path(manifest.root, manifest.pair, manifest.window)
     cursors = [
-        DayCursor(f"{s.dataset}.{s.table}", manifest.shard_files(entry),
-                  checkpoints.output_schema(s, key))
+        ShardCursor(f"{s.dataset}.{s.table}", list(zip(manifest.shard_files(entry), entry["shards"])),
+                    checkpoints.output_schema(s, key), listed_in)
         for s, entry in zip(specs, manifest.tables)
     ]
-    spine_cursor = cursors[0]
-    planner = DayCursor(spine_cursor.label, manifest.shard_files(manifest.targets), spine_cursor.schema)
-    day_rows = planner.day_rows()
-    groups = plan_windows(day_rows, row_group_rows)
-    largest = max((sum(n for day, n in day_rows if first <= day <= last) for first, last in groups),
-                  default=0)
+    shard_rows = [shard["rows"] for shard in manifest.targets["shards"]]
+    groups = plan_row_groups(shard_rows, row_group_rows)
+    starts = np.cumsum([0] + groups)
+    largest = max((sum(shard_rows[a:b]) for a, b in zip(starts[:-1], starts[1:])), default=0)
     # Batch b of a row group joins the tables batches[b] (index 0 is the spine: key and
     # targets come first); a batch's size, not the row group's, is what the budget bounds.
     batches = budgets.column_batches(
@@ -192,13 +193,17 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
     background = ThreadPoolExecutor(1, thread_name_prefix="merge-writer")
     pending = background.submit(lambda: None)
     try:
-        for _first_day, last_day in groups:
-            spine = spine_cursor.read_through(last_day)
+        for count in groups:
+            spine = cursors[0].read_shards(count)
+            if spine.num_rows == 0:  # no targets there: a LEFT JOIN keeps nothing
+                for cursor in cursors[1:]:
+                    cursor.skip(count)
+                continue
             keys = spine.select([key])
             pending = background.submit(writer.begin_row_group, spine.num_rows)
             for batch in batches:
                 base = spine if batch[0] == 0 else keys
-                parts = (cursors[i].read_through(last_day) for i in batch if i != 0)
+                parts = (cursors[i].read_shards(count) for i in batch if i != 0)
                 table = joiner.join(base, parts)
                 if batch[0] != 0:
                     table = table.drop_columns([key])
@@ -217,8 +222,6 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
         writer.discard()
         joiner.close()
         progress.close()
-        for cursor in cursors:
-            cursor.close()
     if rows != len(spine_keys):
         raise PipelineError(f"spine of {manifest.pair} changed while merging "
                             f"({rows} rows read, {len(spine_keys)} expected)")

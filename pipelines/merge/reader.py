@@ -1,21 +1,22 @@
-"""Reading a table's checkpoints day by day, front to back.
+"""Reading a table's checkpoints a run of whole shards at a time, front to back.
 
-Every checkpoint row group holds one UTC day of one table (see
-:data:`pipelines.checkpoints.ROW_GROUP_SLICE_US`), and shards are in time order, so a
-window of whole days is exactly a run of whole row groups: read, used once, dropped.
-Reading whole row groups is also by far the cheapest way through hundreds of files
-(streaming batch readers held gigabytes at 667 files).
+Every table of a manifest has the same shards (the same time spans, in order), so a
+row group of the training file is a run of whole shards for every table. Each shard is
+read whole, once: its bytes are checked against the manifest's size and CRC32C as they
+arrive, then decoded. The merge thus reads every checkpoint exactly once and verified
+(it used to read each one twice: a CRC32C pass before the merge, then the merge), and
+no shard stays open between row groups, so 667 tables cost nothing while idle.
 """
 from __future__ import annotations
 
-import datetime as dt
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.checkpoints import ROW_GROUP_SLICE_US, describe_schema_difference
+from pipelines.checkpoints import describe_schema_difference
 from pipelines.errors import PipelineError
 
 
@@ -31,144 +32,89 @@ def int_keys(array) -> np.ndarray:
     return array.cast(pa.int64()).to_numpy(zero_copy_only=False)
 
 
-def _micros(value) -> int:
-    if isinstance(value, dt.datetime):
-        return int(value.timestamp() * 1_000_000) if value.tzinfo else int(
-            value.replace(tzinfo=dt.timezone.utc).timestamp() * 1_000_000)
-    return int(value)
+class ShardCursor:
+    """Hands out one table's rows, a number of whole shards at a time.
 
-
-class DayCursor:
-    """Hands out one table's rows for consecutive runs of days.
-
-    It opens one shard at a time and checks, as it goes, the schema, that each row
-    group holds a single day, and that keys increase strictly: a damaged or hand-edited
-    checkpoint stops the merge with its file named.
+    ``shards`` are (path, manifest entry) pairs in time order. Each shard must have the
+    size, CRC32C, row count and schema its entry states, and keys must increase
+    strictly across the table: a damaged or hand-edited checkpoint stops the merge with
+    its file named.
     """
 
-    def __init__(self, label: str, paths: list[str], schema: pa.Schema):
+    def __init__(self, label: str, shards: list[tuple[str, dict[str, Any]]], schema: pa.Schema,
+                 manifest_path: str | None = None):
         self.label = label
         self.schema = schema
-        self._paths = list(paths)
-        self._file: pq.ParquetFile | None = None
-        self._path = ""
-        self._next_group = 0
+        self._shards = list(shards)
+        self._next = 0
         self._last_key: int | None = None
+        self._manifest_path = manifest_path
 
-    def _open_next(self) -> bool:
-        if self._file is not None:
-            self._file.close(force=True)  # also closes the storage.open_input file
-            self._file = None
-        if not self._paths:
-            return False
-        self._path = self._paths.pop(0)
-        source = None
-        try:
-            source = storage.open_input(self._path)
-            # No pre-buffering, in a bucket too: it would fetch a row group in one
-            # coalesced request instead of one per column chunk (5-6x faster against the
-            # emulator), but each cursor then keeps its last row group's bytes until its
-            # next read, 667 of them: +110 to +300 MiB peak RSS, measured on 3,000
-            # full-width rows.
-            self._file = pq.ParquetFile(source, page_checksum_verification=True, pre_buffer=False)
-        except (OSError, pa.ArrowException) as exc:
-            if source is not None:
-                source.close()
-            raise PipelineError(f"checkpoint {self._path} of {self.label} is not readable: {_first_line(exc)}") from None
-        actual = self._file.schema_arrow.remove_metadata()
-        if not actual.equals(self.schema):
-            raise PipelineError(f"checkpoint {self._path} of {self.label} has schema drift: "
-                                f"{describe_schema_difference(actual, self.schema)}")
-        self._next_group = 0
-        return True
-
-    def _day_here(self) -> int | None:
-        """The day of the next row group of the open shard, or None at its end."""
-        while self._file is not None and self._next_group < self._file.num_row_groups:
-            meta = self._file.metadata.row_group(self._next_group)
-            if meta.num_rows == 0:
-                self._next_group += 1
-                continue
-            stats = meta.column(0).statistics
-            if stats is None or not stats.has_min_max:
-                raise PipelineError(f"checkpoint {self._path} of {self.label} lacks key "
-                                    "statistics (not written by this pipeline?)")
-            first, last = _micros(stats.min), _micros(stats.max)
-            if first // ROW_GROUP_SLICE_US != last // ROW_GROUP_SLICE_US:
-                raise PipelineError(f"checkpoint {self._path} of {self.label} has a row "
-                                    "group spanning several days")
-            return first // ROW_GROUP_SLICE_US
-        return None
-
-    def _peek_day(self) -> int | None:
-        """The day of the next row group, opening the next shard if needed; None at the end."""
-        while (day := self._day_here()) is None:
-            if not self._open_next():
-                return None
-        return day
-
-    def day_rows(self) -> list[tuple[int, int]]:
-        """(day, rows) of every row group from here on, without reading data.
-
-        Used on the spine to plan windows; it consumes the cursor's position, so call it
-        on a cursor of its own.
-        """
-        out = []
-        while (day := self._peek_day()) is not None:
-            out.append((day, self._file.metadata.row_group(self._next_group).num_rows))
-            self._next_group += 1
-        return out
-
-    def read_through(self, last_day: int) -> pa.Table:
-        """Every remaining row on days up to ``last_day`` (days since the epoch)."""
+    def read_shards(self, count: int) -> pa.Table:
+        """The rows of the next ``count`` shards."""
         parts = []
-        while (day := self._peek_day()) is not None and day <= last_day:
-            # One call per shard for all its row groups of these days: far fewer calls
-            # (and Python round trips) than one per day.
-            groups = [self._next_group]
-            self._next_group += 1
-            while (day := self._day_here()) is not None and day <= last_day:
-                groups.append(self._next_group)
-                self._next_group += 1
-            try:
-                part = self._file.read_row_groups(groups, use_threads=False)
-            except (OSError, pa.ArrowException) as exc:
-                raise PipelineError(f"checkpoint {self._path} of {self.label} is corrupt: {_first_line(exc)}") from None
-            self._check_keys(part)
-            parts.append(part)
+        for path, entry in self._shards[self._next:self._next + count]:
+            parts.append(self._read(path, entry))
+        self._next += count
         if not parts:
             return self.schema.empty_table()
-        return pa.concat_tables(parts).cast(self.schema)
+        return pa.concat_tables(parts)
 
-    def _check_keys(self, part: pa.Table) -> None:
-        keys = int_keys(part.column(0))
+    def skip(self, count: int) -> None:
+        """Pass over the next ``count`` shards unread."""
+        self._next += count
+
+    def _read(self, path: str, entry: dict[str, Any]) -> pa.Table:
+        try:
+            data = storage.read_bytes(path)
+        except FileNotFoundError:
+            raise PipelineError(f"checkpoint missing: {path} ({self.label})") from None
+        if len(data) != entry["bytes"] or storage.bytes_crc32c(data) != entry["crc32c"]:
+            raise PipelineError(self._damage(path, entry, data))
+        try:
+            pf = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
+            table = pf.read(use_threads=False)
+        except (OSError, pa.ArrowException) as exc:
+            raise PipelineError(f"checkpoint {path} of {self.label} is corrupt: {_first_line(exc)}") from None
+        actual = table.schema.remove_metadata()
+        if not actual.equals(self.schema):
+            raise PipelineError(f"checkpoint {path} of {self.label} has schema drift: "
+                                f"{describe_schema_difference(actual, self.schema)}")
+        if table.num_rows != entry["rows"]:
+            raise PipelineError(f"checkpoint {path} of {self.label} holds {table.num_rows} rows, "
+                                f"its manifest entry says {entry['rows']}")
+        self._check_keys(path, table)
+        return table
+
+    def _damage(self, path: str, entry: dict[str, Any], data: bytes) -> str:
+        """The one line describing a shard whose bytes are not the recorded ones."""
+        from pipelines import checkpoints
+
+        problems = list(checkpoints._verify_shard(path, entry, self.schema, True, self._manifest_path))
+        if problems:
+            return problems[0]
+        return (f"checkpoint {path} of {self.label} changed while it was read "
+                f"({len(data)} bytes, CRC32C {storage.bytes_crc32c(data)})")
+
+    def _check_keys(self, path: str, table: pa.Table) -> None:
+        keys = int_keys(table.column(0))
         if len(keys) == 0:
             return
         if np.any(keys[1:] <= keys[:-1]) or (self._last_key is not None and keys[0] <= self._last_key):
-            raise PipelineError(f"checkpoint {self._path} of {self.label} has keys out of "
-                                "order or repeated")
+            raise PipelineError(f"checkpoint {path} of {self.label} has keys out of order or repeated")
         self._last_key = int(keys[-1])
 
-    def close(self) -> None:
-        """Close the open shard."""
-        if self._file is not None:
-            self._file.close(force=True)
-            self._file = None
 
-
-def plan_windows(day_rows: list[tuple[int, int]], max_rows: int) -> list[tuple[int, int]]:
-    """Group consecutive days into windows of at most ``max_rows`` spine rows (a day
-    larger than that is a window of its own); returns (first_day, last_day) pairs."""
-    windows: list[tuple[int, int]] = []
-    first = last = None
+def plan_row_groups(shard_rows: list[int], max_rows: int) -> list[int]:
+    """Group consecutive shards into row groups of at most ``max_rows`` rows (a shard
+    larger than that is a row group of its own); returns the shard count of each."""
+    groups: list[int] = []
     rows = 0
-    for day, n in day_rows:
-        if first is not None and rows + n > max_rows:
-            windows.append((first, last))
-            first, rows = None, 0
-        if first is None:
-            first = day
-        last, rows = day, rows + n
-    if first is not None:
-        windows.append((first, last))
-    return windows
+    for n in shard_rows:
+        if groups and rows + n <= max_rows:
+            groups[-1] += 1
+            rows += n
+        else:
+            groups.append(1)
+            rows = n
+    return groups
