@@ -10,7 +10,7 @@ from pipelines.errors import PipelineError
 DEFAULT_BUDGET = "1.5GiB"
 # Interpreter, pyarrow, polars or duckdb and the open checkpoint readers.
 FIXED_OVERHEAD = 400 << 20
-# Rows per row group of the training file (whole days up to this many). Large on
+# Rows per row group of the training file (whole shards up to this many). Large on
 # purpose: the footer grows by ~1.3 MiB per row group at 17,000 columns, and readers
 # parse all of it; 131,072 float64 rows make 1 MiB column chunks.
 ROW_GROUP_ROWS = 131_072

@@ -262,7 +262,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--row-group-rows", type=int,
                    default=int(cli.env_default("ROW_GROUP_ROWS", budgets.ROW_GROUP_ROWS)),
-                   help=f"rows per row group of the training file, whole days up to this "
+                   help=f"rows per row group of the training file: whole checkpoint shards up to this "
                         f"[ROW_GROUP_ROWS] (default {budgets.ROW_GROUP_ROWS})")
     p.add_argument("--dry-run", action="store_true",
                    help="bigquery method: print the SQL, bytes scanned and cost; export nothing")
