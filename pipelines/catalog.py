@@ -20,9 +20,15 @@ from pipelines.schema import bigquery_type
 DEFAULT_CATALOG = Path(__file__).with_name("catalog.toml")
 
 # BigQuery identifiers we accept from INFORMATION_SCHEMA. Anything else (quotes,
-# backticks, spaces, semicolons) is refused rather than quoted into SQL and file paths.
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,299}$")
-_PAIR_SHAPE = re.compile(r"^[a-z]{6}$")
+# backticks, spaces, semicolons, dots, slashes) is refused rather than quoted into SQL
+# and file paths. Matched with fullmatch: "$" would let a trailing newline through.
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,299}")
+_PAIR_SHAPE = re.compile(r"[a-z]{6}")
+
+
+class MalformedName(PipelineError, ValueError):
+    """An identifier that is not plain letters, digits and '_' (also a ValueError, what
+    the query builder raised before it named the culprit)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +75,7 @@ class Catalog:
         """Return ``pair`` if the catalog knows it; raise a PipelineError otherwise."""
         if not pair:
             raise PipelineError("no pair given: pass --pair (or set PAIR), e.g. --pair eurusd")
-        if not _PAIR_SHAPE.match(pair):
+        if not isinstance(pair, str) or not _PAIR_SHAPE.fullmatch(pair):
             raise PipelineError(
                 f"malformed pair {pair!r}: expected six lower-case letters like 'eurusd'")
         if pair not in self.pairs:
@@ -119,14 +125,21 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
         raise PipelineError(f"catalog file {path} lacks the setting {exc.args[0]!r}") from None
     for name in (catalog.key, catalog.features_dataset, catalog.targets_dataset):
         check_identifier(name, f"catalog file {path}")
+    # The targets table's name becomes a SQL identifier and a checkpoint folder.
+    try:
+        example = catalog.targets_table_for("eurusd")
+    except (KeyError, IndexError, ValueError):
+        raise PipelineError(f"catalog file {path}: targets_table {catalog.targets_table!r} "
+                            "may use no placeholder but {pair}") from None
+    check_identifier(example, f"catalog file {path} (targets_table)")
     return catalog
 
 
 def check_identifier(name: str, where: str) -> str:
     """Return ``name`` if it is a plain identifier; raise naming ``where`` otherwise."""
-    if not isinstance(name, str) or not _IDENTIFIER.match(name):
-        raise PipelineError(f"malformed name {name!r} in {where}: "
-                            "only letters, digits and '_' are accepted")
+    if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name):
+        raise MalformedName(f"malformed name {name!r} in {where}: not a plain identifier "
+                            "(only letters, digits and '_' are accepted)")
     return name
 
 
@@ -190,7 +203,7 @@ def plan_tables(
     (group, then table name). Raises PipelineError for malformed names, tables without
     the key, and output columns that collide.
     """
-    targets_name = catalog.targets_table_for(pair)
+    targets_name = check_identifier(catalog.targets_table_for(pair), "the catalog's targets_table")
     specs = [_targets_spec(catalog, targets_name, target_columns)]
     by_group: dict[str, list[str]] = {g.name: [] for g in catalog.groups}
     for table in feature_columns:
@@ -244,14 +257,25 @@ def _check_key(catalog: Catalog, where: str, columns: Sequence[tuple[str, str]])
 
 
 def _check_collisions(catalog: Catalog, specs: Iterable[TableSpec]) -> None:
-    owner: dict[str, str] = {catalog.key: "the key"}
+    check_output_columns(catalog.key, specs)
+
+
+def check_output_columns(key: str, specs: Iterable[TableSpec]) -> None:
+    """Refuse two tables giving the same output column (or one named like the key),
+    naming both tables; also names over BigQuery's 300 characters."""
+    # Case-insensitive: DuckDB and BigQuery column names are, so 'reg_X' and 'reg_x'
+    # would be one column to the merge and the export.
+    owner: dict[str, tuple[str, str]] = {key.lower(): (key, "the key")}
     for spec in specs:
+        here = f"{spec.dataset}.{spec.table}"
         for col in spec.columns:
-            first = owner.setdefault(col.output, f"{spec.dataset}.{spec.table}")
-            if first != f"{spec.dataset}.{spec.table}":
+            if col.output.lower() in owner:
+                first_name, first = owner[col.output.lower()]
+                same = "" if first_name == col.output else f" (as {first_name!r})"
                 raise PipelineError(
-                    f"output column {col.output!r} comes from both {first} and "
-                    f"{spec.dataset}.{spec.table}; rename one of them")
+                    f"output column {col.output!r} comes from both {first}{same} and "
+                    f"{here}; rename one of them")
+            owner[col.output.lower()] = (col.output, here)
             if len(col.output) > 300:
                 raise PipelineError(f"output column name {col.output!r} of "
                                     f"{spec.dataset}.{spec.table} exceeds 300 characters")

@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.catalog import Column, TableSpec
+from pipelines.catalog import Column, TableSpec, check_identifier, check_output_columns
 from pipelines.errors import PipelineError
-from pipelines.schema import arrow_type
+from pipelines.schema import ARROW_TYPES, arrow_type
 from pipelines.window import Window
 
 FORMAT = 1
@@ -48,6 +48,23 @@ def default_checkpoint_root() -> str:
     if bucket:
         return bucket if bucket.startswith("gs://") else f"gs://{bucket}/checkpoints"
     return os.path.join(os.environ.get("BQX_DATA_DIR", "data"), "checkpoints")
+
+
+def check_root(root: str) -> str:
+    """Return ``root`` if it can be a checkpoint root; refuse a local path that is a file
+    and a ``gs://`` path with ``.``/``..`` segments, naming it."""
+    if storage.is_gcs(root):
+        return storage.check_gcs_path(root)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise PipelineError(f"checkpoint root {root} is not a folder")
+    return root
+
+
+def shard_relpath(spec_shared: bool, pair: str, table: str, shard_id: str) -> str:
+    """A shard's path relative to the checkpoint root, '/'-separated: the only form a
+    manifest may list (anything else could point outside the root)."""
+    area = "shared" if spec_shared else f"pairs/{pair}"
+    return f"{area}/{table}/{shard_id}.parquet"
 
 
 def shard_path(root: str, spec_shared: bool, pair: str, table: str, shard: Window) -> str:
@@ -268,7 +285,7 @@ class Manifest:
 
     def shard_files(self, entry: dict[str, Any]) -> list[str]:
         """Absolute paths of a table entry's shards, in time order."""
-        return [storage.join(self.root, s["path"]) for s in entry["shards"]]
+        return [storage.join(self.root, *s["path"].split("/")) for s in entry["shards"]]
 
     @classmethod
     def from_json(cls, data: dict[str, Any], root: str) -> "Manifest":
@@ -308,8 +325,10 @@ def find_windows(root: str, pair: str) -> list[Window]:
 def load_manifest(root: str, pair: str, window: Window | None = None) -> Manifest:
     """The committed manifest of ``pair``; refuses (naming what is missing) otherwise.
 
-    Without ``window`` the pair must have exactly one committed window.
+    Without ``window`` the pair must have exactly one committed window. The manifest is
+    checked as hostile input (:func:`manifest_problem`) before anything it names is read.
     """
+    check_root(root)
     if window is None:
         windows = find_windows(root, pair)
         if not windows:
@@ -330,47 +349,189 @@ def load_manifest(root: str, pair: str, window: Window | None = None) -> Manifes
         raise PipelineError(f"extraction incomplete: {mpath} has no success marker "
                             f"{spath}; re-run the extract job to finish it")
     data = read_json(mpath)
-    if data is None or data.get("format") != FORMAT or data.get("pair") != pair:
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("pair") != pair:
         raise PipelineError(f"manifest {mpath} is unreadable or not a format-{FORMAT} "
                             f"manifest of {pair}")
+    problem = manifest_problem(data, pair, window)
+    if problem:
+        raise PipelineError(f"manifest {mpath} is malformed: {problem}; it was edited by "
+                            "hand or damaged: re-run the extract job to rewrite it")
     return Manifest.from_json(data, root)
+
+
+# --------------------------------------------------------------------------- manifest checks
+# The manifest is the merge's only input and names every file it reads and every
+# identifier it puts into SQL, so a hand-edited one is checked as hostile input.
+
+_SHARD_INTS = ("rows", "bytes", "duplicates_dropped", "bad_keys_dropped")
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def manifest_problem(data: dict[str, Any], pair: str, window: Window) -> str | None:
+    """What is wrong with a manifest's JSON (None when it is sound).
+
+    Checked: the window is the one its file name says; the key, datasets, tables and
+    columns are plain identifiers of known types whose output names do not collide;
+    the first table is the targets; every shard path is exactly this table's layout path
+    for a shard of the window (never absolute, never ``..``); counts are non-negative
+    integers and CRC32Cs 8 hex digits.
+    """
+    try:
+        start = dt.datetime.fromisoformat(data["window"]["start"])
+        end = dt.datetime.fromisoformat(data["window"]["end"])
+        if Window(start, end) != window:
+            return f"its window {start.isoformat()} .. {end.isoformat()} is not {window.id}"
+    except (KeyError, TypeError, ValueError, PipelineError):
+        return "'window' needs ISO 'start' and 'end' times with a time zone"
+    tables = data.get("tables")
+    if not isinstance(tables, list) or not tables:
+        return "'tables' is not a non-empty list"
+    try:
+        check_identifier(data.get("key"), "the manifest's key")
+        specs = []
+        for i, entry in enumerate(tables):
+            where = f"tables[{i}]"
+            problem = _table_problem(entry, where)
+            if problem is None:
+                where = f"{where} ({entry['dataset']}.{entry['table']})"
+                problem = _shards_problem(entry, where, pair, window)
+            if problem:
+                return problem
+            specs.append(spec_from_json(entry))
+        if specs[0].group != "targets":
+            return "tables[0] is not the targets table"
+        check_output_columns(data["key"], specs)
+    except PipelineError as exc:
+        return str(exc)
+    return None
+
+
+def _table_problem(entry: Any, where: str) -> str | None:
+    """A table entry's shape, names and column types."""
+    if not isinstance(entry, dict):
+        return f"{where} is not an object"
+    for field in ("dataset", "table"):
+        check_identifier(entry.get(field), f"{where}.{field}")
+    if not isinstance(entry.get("group"), str) or not isinstance(entry.get("stem"), str):
+        return f"{where} needs a 'group' and a 'stem'"
+    if not isinstance(entry.get("shared"), bool):
+        return f"{where}.shared is not true or false"
+    columns = entry.get("columns")
+    if not isinstance(columns, list):
+        return f"{where}.columns is not a list"
+    for j, col in enumerate(columns):
+        if not (isinstance(col, list) and len(col) == 3):
+            return f"{where}.columns[{j}] is not [source, output, type]"
+        check_identifier(col[0], f"{where}.columns[{j}]")
+        check_identifier(col[1], f"{where}.columns[{j}]")
+        if col[2] not in ARROW_TYPES:
+            return f"{where}.columns[{j}] has type {col[2]!r}, not one of {', '.join(ARROW_TYPES)}"
+    return None
+
+
+def _shards_problem(entry: dict[str, Any], where: str, pair: str, window: Window) -> str | None:
+    """A table entry's shards: layout paths in time order inside the window, counts,
+    CRC32Cs, and the table's row total."""
+    shards = entry.get("shards")
+    if not isinstance(shards, list):
+        return f"{where}.shards is not a list"
+    previous_end = window.start
+    for k, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            return f"{where}.shards[{k}] is not an object"
+        path = shard.get("path")
+        shard_id = path.rsplit("/", 1)[-1][: -len(".parquet")] if isinstance(path, str) else ""
+        try:
+            span = Window.from_id(shard_id)
+        except PipelineError:
+            span = None
+        expected = shard_relpath(entry["shared"], pair, entry["table"], shard_id)
+        if span is None or path != expected or span.id != shard_id:
+            return (f"{where}.shards[{k}] path {path!r} is not one of this table's shard "
+                    f"files ({shard_relpath(entry['shared'], pair, entry['table'], '<shard>')})")
+        if span.start != previous_end or span.end > window.end:
+            return (f"{where}.shards[{k}] {shard_id} does not follow the previous shard "
+                    f"inside window {window.id}")
+        previous_end = span.end
+        for field in _SHARD_INTS:
+            if not _count(shard.get(field)):
+                return f"{where}.shards[{k}].{field} is not a non-negative integer"
+        crc = shard.get("crc32c")
+        if not (isinstance(crc, str) and len(crc) == 8
+                and all(c in "0123456789abcdef" for c in crc)):
+            return f"{where}.shards[{k}].crc32c {crc!r} is not 8 lower-case hex digits"
+    if previous_end != window.end:
+        return f"{where} has shards up to {previous_end.isoformat()}, not the window's end"
+    if entry.get("rows") != sum(s["rows"] for s in shards):
+        return f"{where}.rows {entry.get('rows')!r} is not the sum of its shards' rows"
+    return None
 
 
 def verify_checkpoints(manifest: Manifest, check_content: bool = True) -> list[str]:
     """Problems with a manifest's checkpoint files (empty list when all are sound).
 
-    Each file must exist with the size and CRC32C its record states, and its parquet
-    footer must give the recorded rows and the table's schema.
+    Each file must exist with the size and CRC32C its manifest entry states, and its
+    parquet footer must give the recorded rows and the table's schema. When the file
+    disagrees with the manifest but agrees with its own commit record, the problem
+    names the manifest (edited by hand, or stale) instead of the file.
     """
     problems = []
+    listed_in = manifest_path(manifest.root, manifest.pair, manifest.window)
     for entry in manifest.tables:
         expected = output_schema(spec_from_json(entry), manifest.key)
         for shard, path in zip(entry["shards"], manifest.shard_files(entry)):
-            problems.extend(_verify_shard(path, shard, expected, check_content))
+            problems.extend(_verify_shard(path, shard, expected, check_content, listed_in))
     return problems
 
 
 def _verify_shard(path: str, shard: dict[str, Any], expected: pa.Schema,
-                  check_content: bool) -> Iterable[str]:
+                  check_content: bool, listed_in: str | None = None) -> Iterable[str]:
+    """Problems of one shard against ``shard`` (its commit record, or its manifest entry
+    when ``listed_in`` names the manifest)."""
     if not storage.exists(path):
         return [f"checkpoint missing: {path}"]
-    if storage.size(path) != shard["bytes"]:
-        return [f"checkpoint {path} has {storage.size(path)} bytes, its record says "
-                f"{shard['bytes']} (truncated or replaced)"]
-    if check_content and storage.crc32c(path) != shard["crc32c"]:
-        return [f"checkpoint {path} is corrupt: CRC32C {storage.crc32c(path)} differs "
-                f"from the recorded {shard['crc32c']}"]
+    nbytes = storage.size(path)
+    if nbytes != shard["bytes"]:
+        return [_stale_listing(path, listed_in, "bytes", shard["bytes"], nbytes)
+                or f"checkpoint {path} has {nbytes} bytes, its record says "
+                   f"{shard['bytes']} (truncated or replaced)"]
+    if check_content:
+        crc = storage.crc32c(path)
+        if crc != shard["crc32c"]:
+            return [_stale_listing(path, listed_in, "crc32c", shard["crc32c"], crc)
+                    or f"checkpoint {path} is corrupt: CRC32C {crc} differs from the "
+                       f"recorded {shard['crc32c']}"]
     try:
         with storage.open_input(path) as source:
             meta = pq.read_metadata(source)
         schema = meta.schema.to_arrow_schema()
     except Exception as exc:  # pyarrow raises several types for broken footers
-        return [f"checkpoint {path} is not readable parquet: {exc}"]
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return [f"checkpoint {path} is not readable parquet: {first}"]
     if meta.num_rows != shard["rows"]:
-        return [f"checkpoint {path} holds {meta.num_rows} rows, its record says {shard['rows']}"]
+        return [_stale_listing(path, listed_in, "rows", shard["rows"], meta.num_rows)
+                or f"checkpoint {path} holds {meta.num_rows} rows, its record says "
+                   f"{shard['rows']}"]
     if not schema.remove_metadata().equals(expected):
         return [f"checkpoint {path} has schema drift: {describe_schema_difference(schema, expected)}"]
     return []
+
+
+def _stale_listing(path: str, listed_in: str | None, field: str, listed: Any,
+                   actual: Any) -> str | None:
+    """The problem line blaming the manifest ``listed_in`` when the shard's own commit
+    record agrees with the file on ``field``; None when the file is the odd one out."""
+    if listed_in is None:
+        return None
+    record = read_json(record_path(path))
+    if not record or record.get(field) != actual:
+        return None
+    return (f"manifest {listed_in} lists {field} {listed!r} for checkpoint {path}, but "
+            f"the file and its commit record have {actual!r}: the manifest was edited by "
+            "hand or is stale; re-run the extract job to rewrite it")
 
 
 def describe_schema_difference(actual: pa.Schema, expected: pa.Schema) -> str:

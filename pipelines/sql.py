@@ -4,8 +4,14 @@ Queries are built as sqlglot expressions and rendered by sqlglot for both engine
 build time: a :class:`Query` is the GoogleSQL text (a ``str``) carrying its DuckDB
 translation, so no engine parses SQL in the hot path. The long column lists of the
 extraction queries are spliced into the rendered frame with each dialect's own quote
-characters; they hold only identifiers that :func:`pipelines.catalog.check_identifier`
-accepted (letters, digits, ``_``), which this module checks again.
+characters.
+
+Every identifier a query is built from (project, dataset, table, key, columns and
+their aliases) is checked here, whatever the caller already checked: a name that is not
+plain letters, digits and ``_`` (a project: lower-case letters, digits and ``-``) is
+refused with a :class:`pipelines.catalog.MalformedName` (a PipelineError naming it), so
+no input can reach the SQL text except as the quoted identifier it is
+(tests/test_query_builder_properties.py).
 """
 from __future__ import annotations
 
@@ -17,12 +23,42 @@ from typing import Sequence
 import sqlglot
 from sqlglot import exp
 
-from pipelines.catalog import TableSpec
+from pipelines.catalog import MalformedName, TableSpec, check_identifier
 from pipelines.window import UTC, Window
 
 _TIMESTAMP = exp.DataType.build("TIMESTAMP", dialect="bigquery")
-_PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A Google Cloud project id (6-30 characters), optionally domain-scoped
+# (``example.com:project``); they are quoted, never split.
+_PROJECT = re.compile(r"(?:[a-z][a-z0-9.-]{0,61}[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-9]")
 _SELECT_LIST = "bqx_select_list_placeholder"
+
+
+def check_project(project: str | None, where: str) -> str | None:
+    """Return ``project`` (or None) if it is a Google Cloud project id; raise a
+    MalformedName naming it otherwise."""
+    if project is not None and (not isinstance(project, str)
+                                or not _PROJECT.fullmatch(project)):
+        raise MalformedName(f"malformed project {project!r} in {where}: expected a Google "
+                            "Cloud project id (lower-case letters, digits and '-')")
+    return project
+
+
+def _check_table(dataset: str, table: str, project: str | None) -> None:
+    """Refuse a table reference that is not plain identifiers."""
+    where = "a query's table reference"
+    check_project(project, where)
+    check_identifier(dataset, where)
+    check_identifier(table, where)
+
+
+def _check_spec(spec: TableSpec, key: str, project: str | None) -> None:
+    """Refuse a table spec (or key, or project) whose names are not plain."""
+    _check_table(spec.dataset, spec.table, project)
+    where = f"the query of {spec.dataset}.{spec.table}"
+    check_identifier(key, where)
+    for column in spec.columns:
+        check_identifier(column.source, where)
+        check_identifier(column.output, where)
 
 
 class Query(str):
@@ -59,8 +95,8 @@ def _quote_chars(dialect: str) -> tuple[str, str]:
 
 
 def _quote(name: str, dialect: str) -> str:
-    if not _PLAIN.match(name):
-        raise ValueError(f"not a plain identifier: {name!r}")
+    # Splicing is only safe for names without quote characters: checked again here.
+    check_identifier(name, "a query's column list")
     start, end = _quote_chars(dialect)
     return f"{start}{name}{end}"
 
@@ -98,6 +134,7 @@ def select_shard(spec: TableSpec, key: str, shard: Window, project: str | None =
     Columns come out under their output names (prefixed with the table's stem), so the
     checkpoint already has the training file's column names.
     """
+    _check_spec(spec, key, project)
     frame = (
         exp.select(_col(_SELECT_LIST))
         .from_(_table(spec.dataset, spec.table, project))
@@ -110,6 +147,7 @@ def count_shard(spec: TableSpec, key: str, shard: Window, min_valid: dt.datetime
                 project: str | None = None) -> Query:
     """GoogleSQL counting a shard's rows and distinct keys (and, when ``min_valid`` is
     given, the table's rows whose key is before it: the bad keys that are dropped)."""
+    _check_spec(spec, key, project)
     table = _table(spec.dataset, spec.table, project)
     shard_counts = (
         exp.select(
@@ -139,6 +177,8 @@ def count_shard(spec: TableSpec, key: str, shard: Window, min_valid: dt.datetime
 def key_range(dataset: str, table: str, key: str, min_valid: dt.datetime,
               project: str | None = None) -> Query:
     """GoogleSQL for the first and last valid key of a table (the default window)."""
+    _check_table(dataset, table, project)
+    check_identifier(key, f"the query of {dataset}.{table}")
     query = (
         exp.select(
             exp.alias_(exp.Min(this=_col(key)), "first_key", quoted=True),
@@ -158,5 +198,13 @@ def to_duckdb(googlesql: str) -> str:
 
 
 def quote_all(names: Sequence[str], dialect: str = "bigquery") -> list[str]:
-    """Identifiers quoted for ``dialect``."""
+    """Identifiers quoted for ``dialect``: plain identifiers, or project ids.
+
+    Anything else is refused (MalformedName): sqlglot doubles a backtick inside a
+    GoogleSQL quoted identifier, and BigQuery reads a backslash there as an escape, so
+    only names without either can be quoted faithfully for both engines.
+    """
+    for name in names:
+        if not (isinstance(name, str) and _PROJECT.fullmatch(name)):
+            check_identifier(name, "a quoted name list")
     return [exp.to_identifier(n, quoted=True).sql(dialect=dialect) for n in names]

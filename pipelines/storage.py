@@ -47,9 +47,21 @@ def join(root: str, *parts: str) -> str:
     return os.path.join(root, *parts)
 
 
+def check_gcs_path(path: str) -> str:
+    """Return ``path``; refuse a ``gs://`` path with a ``.`` or ``..`` segment.
+
+    Object names are not resolved like folders: ``gs://b/ck/../x`` would name an object
+    ``ck/../x`` to one client and ``x`` to another, so a path built from hand-edited or
+    hostile input could read or write outside its prefix.
+    """
+    if is_gcs(path) and any(part in (".", "..") for part in str(path)[5:].split("/")):
+        raise PipelineError(f"{path}: '.' and '..' segments are not allowed in a gs:// path")
+    return path
+
+
 def _split(path: str) -> tuple[str, str]:
     """``gs://bucket/name`` -> (bucket, name)."""
-    bucket, _, name = str(path)[len("gs://"):].partition("/")
+    bucket, _, name = check_gcs_path(str(path))[len("gs://"):].partition("/")
     if not bucket:
         raise PipelineError(f"{path}: a gs:// path needs a bucket name")
     return bucket, name

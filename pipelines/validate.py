@@ -2,6 +2,11 @@
 
 ``python -m pipelines.validate PATH [--report PATH] [--quiet]``
 
+``python -m pipelines.validate A --compare B`` instead compares two parquet files'
+content (columns, types, rows, every value, the ``bqx.training`` metadata), streaming
+both row group by row group in column batches, and prints ``identical`` or the first
+difference (column, row group and row): exit 0 same content, 1 different, 2 bad input.
+
 The training file is too wide to load (about 100K rows x 17K columns, ~13 GB dense), so
 it is read one row group at a time and, inside a row group, in batches of at most
 ``columns_per_batch`` columns. Everything kept between batches is a few integers per
@@ -17,6 +22,7 @@ Exit status: 0 pass, 1 hard failure, 2 file missing/unreadable/not parquet.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -1039,6 +1045,223 @@ def default_report_path(path: str | os.PathLike) -> str:
     return stem + ".validation.json"
 
 
+# --------------------------------------------------------------------------- compare
+
+@dataclasses.dataclass
+class Comparison:
+    """The outcome of :func:`compare_files`: equal content, or the first difference."""
+
+    a: str
+    b: str
+    equal: bool = False
+    rows: int = 0
+    columns: int = 0
+    row_groups: tuple[int, int] = (0, 0)
+    difference: str | None = None  # one line; None when equal
+    column: str | None = None  # the first differing column, when values differ
+    row_group: int | None = None  # ... in this row group of ``a``
+    row: int | None = None  # ... first at this row (0-based, whole file)
+
+    def summary(self) -> str:
+        """``identical: ...`` or ``different: <the first difference>``."""
+        if self.equal:
+            return (f"identical: {self.a} and {self.b} hold the same {self.rows:,} rows x "
+                    f"{self.columns:,} columns ({self.row_groups[0]:,} and "
+                    f"{self.row_groups[1]:,} row groups)")
+        return f"different: {self.difference}"
+
+
+def compare_files(a: str | os.PathLike, b: str | os.PathLike,
+                  columns_per_batch: int = DEFAULT_COLUMNS_PER_BATCH) -> Comparison:
+    """Compare the content of two parquet files without loading either.
+
+    Content is the column names in order, their types, the row count, every value (NULL
+    equals NULL; floats are compared bit for bit, so NaN equals NaN) and the
+    ``bqx.training`` metadata; how rows are split into row groups and how pages are
+    encoded are not. Files are read one row group of ``a`` at a time, at most
+    ``columns_per_batch`` columns at once, with the matching rows of ``b`` (whatever
+    its row groups). Raises PipelineError when either file is missing, not parquet, or
+    a training set in parts.
+    """
+    if columns_per_batch < 1:
+        raise ValueError("columns_per_batch must be at least 1")
+    a, b = os.fspath(a), os.fspath(b)
+    result = Comparison(a=a, b=b)
+    with _opened(a) as pa_file, _opened(b) as pb_file:
+        result.row_groups = (pa_file.num_row_groups, pb_file.num_row_groups)
+        result.columns = len(pa_file.schema_arrow)
+        result.rows = pa_file.metadata.num_rows
+        result.difference = (_schema_difference(pa_file.schema_arrow, pb_file.schema_arrow)
+                             or _rows_difference(pa_file, pb_file)
+                             or _values_difference(pa_file, pb_file, a, b, columns_per_batch,
+                                                   result)
+                             or _metadata_difference(pa_file, pb_file))
+    result.equal = result.difference is None
+    return result
+
+
+@contextlib.contextmanager
+def _opened(path: str):
+    """A ParquetFile of ``path`` (local or ``gs://``), refusing what is not one file."""
+    if is_training_set(path):
+        raise PipelineError(f"{path}: --compare takes two parquet files, not a training "
+                            "set in parts")
+    _check_parquet_file(path)
+    source = None
+    try:
+        if _is_gcs(path):
+            from pipelines import storage
+
+            source = storage.open_input(path)
+            pf = pq.ParquetFile(source, pre_buffer=True)
+        else:
+            pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        if source is not None:
+            source.close()
+        raise PipelineError(f"{path}: cannot read parquet footer: {_first_line(e)}") from None
+    try:
+        yield pf
+    finally:
+        pf.close(force=True)
+
+
+def _schema_difference(sa: pa.Schema, sb: pa.Schema) -> str | None:
+    """The first difference in column names, order or types."""
+    na, nb = sa.names, sb.names
+    if na != nb:
+        only_a = [c for c in na if c not in set(nb)]
+        only_b = [c for c in nb if c not in set(na)]
+        if only_a or only_b:
+            parts = []
+            if only_a:
+                parts.append(f"only in the first: {_name_list(only_a)}")
+            if only_b:
+                parts.append(f"only in the second: {_name_list(only_b)}")
+            return (f"the column sets differ ({len(na):,} and {len(nb):,} columns): "
+                    + "; ".join(parts))
+        if len(na) != len(nb):
+            return (f"the column lists have {len(na):,} and {len(nb):,} entries of the same "
+                    "names (a name is repeated)")
+        i = next(i for i, (x, y) in enumerate(zip(na, nb)) if x != y)
+        return (f"same columns in another order: column {i} is {na[i]!r} in the first, "
+                f"{nb[i]!r} in the second")
+    for fa, fb in zip(sa, sb):
+        if fa.type != fb.type:
+            return f"column {fa.name!r} is {fa.type} in the first, {fb.type} in the second"
+    return None
+
+
+def _rows_difference(pa_file: pq.ParquetFile, pb_file: pq.ParquetFile) -> str | None:
+    ra, rb = pa_file.metadata.num_rows, pb_file.metadata.num_rows
+    if ra != rb:
+        return f"the first has {ra:,} rows, the second {rb:,}"
+    return None
+
+
+def _metadata_difference(pa_file: pq.ParquetFile, pb_file: pq.ParquetFile) -> str | None:
+    """Which entries of the ``bqx.training`` metadata differ (parsed, so key order and
+    spacing do not count)."""
+    def parsed(pf: pq.ParquetFile) -> Any:
+        raw = (pf.metadata.metadata or {}).get(METADATA_KEY)
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw
+    ma, mb = parsed(pa_file), parsed(pb_file)
+    if ma == mb:
+        return None
+    if isinstance(ma, dict) and isinstance(mb, dict):
+        keys = sorted(k for k in set(ma) | set(mb) if ma.get(k) != mb.get(k))
+        return f"the bqx.training metadata differs in {', '.join(map(repr, keys))}"
+    return "the bqx.training metadata differs (present in one file only, or not JSON)"
+
+
+def _values_difference(pa_file: pq.ParquetFile, pb_file: pq.ParquetFile, a: str, b: str,
+                       columns_per_batch: int, result: Comparison) -> str | None:
+    """The first differing value, row group of ``a`` by row group, column batch by
+    column batch; fills ``result.column/row_group/row``."""
+    names = pa_file.schema_arrow.names
+    # Positions, not names: a repeated name would make a by-name read return both.
+    batches = [list(range(i, min(i + columns_per_batch, len(names))))
+               for i in range(0, len(names), columns_per_batch)]
+    b_starts = np.cumsum([0] + [pb_file.metadata.row_group(j).num_rows
+                                for j in range(pb_file.num_row_groups)])
+    lo = 0
+    for rg in range(pa_file.num_row_groups):
+        hi = lo + pa_file.metadata.row_group(rg).num_rows
+        for batch in batches:
+            left = _read_indices(pa_file, [rg], batch, a)
+            right = _rows_of(pb_file, b_starts, lo, hi, batch, b)
+            for k, pos in enumerate(batch):
+                at = _first_difference(left.column(k), right.column(k))
+                if at is not None:
+                    result.column, result.row_group, result.row = names[pos], rg, lo + at
+                    return (f"column {names[pos]!r} differs first in row group {rg} of the "
+                            f"first file (rows {lo:,}..{hi - 1:,}), at row {lo + at:,}: "
+                            f"{_show(left.column(k), at)} vs {_show(right.column(k), at)}")
+            del left, right
+        lo = hi
+    return None
+
+
+def _read_indices(pf: pq.ParquetFile, row_groups: list[int], indices: list[int],
+                  path: str) -> pa.Table:
+    """The columns at ``indices`` (schema positions) of ``row_groups``."""
+    schema = pf.schema_arrow
+    if not row_groups:
+        return pa.schema([schema.field(i) for i in indices]).empty_table()
+    try:
+        if pf.metadata.num_columns == len(schema):
+            # Flat: positions are parquet leaf indices, and a repeated name stays one column.
+            return pf.reader.read_row_groups(row_groups, column_indices=indices,
+                                             use_threads=True)
+        return pf.read_row_groups(row_groups, columns=[schema.names[i] for i in indices])
+    except (OSError, pa.ArrowException) as e:
+        raise PipelineError(f"{path}: cannot read row group(s) {row_groups}: "
+                            f"{_first_line(e)}") from None
+
+
+def _rows_of(pf: pq.ParquetFile, starts: np.ndarray, lo: int, hi: int,
+             indices: list[int], path: str) -> pa.Table:
+    """Rows ``lo``..``hi - 1`` of ``pf`` for the columns at ``indices``, read from just
+    the row groups that hold them."""
+    groups = [j for j in range(pf.num_row_groups) if starts[j] < hi and starts[j + 1] > lo]
+    table = _read_indices(pf, groups, indices, path)
+    first = int(starts[groups[0]]) if groups else 0
+    return table.slice(lo - first, hi - lo)
+
+
+def _first_difference(x: pa.ChunkedArray, y: pa.ChunkedArray) -> int | None:
+    """Index of the first position where two equally long arrays differ, or None."""
+    if x.equals(y):
+        return None
+    x, y = x.combine_chunks(), y.combine_chunks()
+    x_null = np.asarray(x.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    y_null = np.asarray(y.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    if pa.types.is_floating(x.type) and x.type.bit_width in (32, 64):
+        # Bit patterns: NaN equals NaN, and -0.0 is not 0.0.
+        view = f"<i{x.type.bit_width // 8}"
+        eq = (np.asarray(pc.fill_null(x, 0).to_numpy(zero_copy_only=False)).view(view)
+              == np.asarray(pc.fill_null(y, 0).to_numpy(zero_copy_only=False)).view(view))
+    else:
+        try:
+            eq = np.asarray(pc.fill_null(pc.equal(x, y), False).to_numpy(zero_copy_only=False),
+                            dtype=bool)
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+            eq = np.array([u == v for u, v in zip(x.to_pylist(), y.to_pylist())], dtype=bool)
+    same = (x_null & y_null) | (~x_null & ~y_null & eq)
+    bad = np.flatnonzero(~same)
+    return int(bad[0]) if len(bad) else None
+
+
+def _show(column: pa.ChunkedArray, i: int) -> str:
+    text = repr(column[i].as_py())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 # --------------------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> int:
@@ -1054,7 +1277,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="print only PASS/FAIL and the hard failures")
     parser.add_argument("--columns-per-batch", type=int, default=DEFAULT_COLUMNS_PER_BATCH,
                         help="columns decoded at once per row group (memory bound)")
+    parser.add_argument("--compare", metavar="OTHER",
+                        help="compare PATH's content with the parquet file OTHER instead of "
+                             "validating it: exit 0 identical, 1 different (first "
+                             "difference printed), 2 bad input; no report is written")
     args = parser.parse_args(argv)
+    if args.compare is not None:
+        if args.report:
+            parser.error("--report does not apply to --compare")
+        return _compare_main(args.path, args.compare, args.columns_per_batch)
     report_path = args.report or default_report_path(args.path)
     try:
         report = validate_file(args.path, columns_per_batch=args.columns_per_batch)
@@ -1070,6 +1301,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_first_line(e)}", file=sys.stderr)
         return 2
     return 0 if report.ok else 1
+
+
+def _compare_main(a: str, b: str, columns_per_batch: int) -> int:
+    """``--compare``: print the verdict line; 0 identical, 1 different, 2 bad input."""
+    try:
+        if columns_per_batch < 1:
+            raise PipelineError(f"--columns-per-batch {columns_per_batch}: must be at least 1")
+        result = compare_files(a, b, columns_per_batch=columns_per_batch)
+    except PipelineError as e:
+        print(f"error: {_first_line(e)}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    return 0 if result.equal else 1
 
 
 if __name__ == "__main__":

@@ -81,14 +81,34 @@ def build_tasks(catalog: Catalog, pair: str, specs: list[TableSpec], window: Win
     return tasks
 
 
+def clip_window(window: Window, catalog: Catalog) -> Window:
+    """``window`` without the days before the catalog's ``min_valid_key``.
+
+    Keys before it (the 1970-01-01 migration artefacts) are never extracted, so a window
+    starting earlier starts there instead; one ending by then holds nothing to extract
+    and is refused, naming the date.
+    """
+    floor = min_valid_key(catalog)
+    if window.end <= floor:
+        raise PipelineError(
+            f"window {window.start:%Y-%m-%d} .. {window.end - dt.timedelta(days=1):%Y-%m-%d} "
+            f"ends before {catalog.min_valid_key}, the catalog's min_valid_key: earlier keys "
+            "(1970-01-01 placeholders) are never extracted")
+    if window.start < floor:
+        log.info("window starts at %s, not %s: keys before the catalog's min_valid_key "
+                 "are not extracted", floor.date(), window.start.date())
+        return Window(floor, window.end)
+    return window
+
+
 def make_plan(source, catalog: Catalog, pair: str, window: Window | None, root: str,
               shard_days: int, policy: str) -> ExtractionPlan:
     """Discover the pair's tables and lay out every task of the extraction."""
+    checkpoints.check_root(root)
+    if window is not None:
+        window = clip_window(window, catalog)
     specs = discover(source, catalog, pair)
     if window is None:
         window = default_window(source, catalog, pair)
-    floor = min_valid_key(catalog)
-    if window.start < floor:
-        window = Window(floor, max(window.end, floor + dt.timedelta(days=1)))
     tasks = build_tasks(catalog, pair, specs, window, root, shard_days, policy, source.project)
     return ExtractionPlan(pair, window, catalog.key, root, shard_days, specs, tasks)

@@ -64,10 +64,22 @@ def conform(table: pa.Table, schema: pa.Schema, label: str) -> pa.Table:
     try:
         return table.cast(schema)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        # Name the columns that cannot be cast, not every type that is spelled
+        # differently (a key in 'Etc/UTC' casts to 'UTC' without loss).
         changed = [f"{f.name} is {table.schema.field(f.name).type}, expected {f.type}"
-                   for f in schema if table.schema.field(f.name).type != f.type]
+                   for f in schema if not _casts(table.column(f.name), f.type)]
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise PipelineError(f"{label}: column type changed: {'; '.join(changed[:3])} "
-                            f"({exc})") from None
+                            f"({first})") from None
+
+
+def _casts(column: pa.ChunkedArray, to: pa.DataType) -> bool:
+    """True when ``column`` casts to ``to`` (safely)."""
+    try:
+        column.cast(to)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return False
+    return True
 
 
 def key_range(table: pa.Table, key: str):
@@ -77,10 +89,36 @@ def key_range(table: pa.Table, key: str):
     return table.column(key)[0].as_py(), table.column(key)[-1].as_py()
 
 
+def _refused_query(exc: Exception) -> bool:
+    """True for a source error that retrying cannot fix: the query names a table or
+    column the source no longer has, or of another type (the table changed since
+    discovery). BigQuery errors already arrive as PipelineErrors from the source."""
+    try:
+        import duckdb
+    except ImportError:  # pragma: no cover - duckdb is a dependency
+        return False
+    return isinstance(exc, (duckdb.BinderException, duckdb.CatalogException,
+                            duckdb.ConversionException, duckdb.ParserException))
+
+
+def _ask(query, sql: str, label: str):
+    """``query(sql)``, with a refused query turned into a PipelineError naming ``label``."""
+    try:
+        return query(sql)
+    except PipelineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - re-raised unless it is a refusal
+        if not _refused_query(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PipelineError(f"{label}: the source refused the query, did the table change "
+                            f"since discovery? ({first})") from None
+
+
 def extract_shard(source, task: ShardTask, key: str, policy: str) -> dict:
     """Do one task against an open source; return its commit record."""
-    counts = source.query_rows(task.count_sql)[0]
-    raw = source.query_arrow(task.select_sql)
+    counts = _ask(source.query_rows, task.count_sql, task.label)[0]
+    raw = _ask(source.query_arrow, task.select_sql, task.label)
     table, duplicates = sort_and_dedupe(raw, key, policy, task.label)
     table = conform(table, checkpoints.output_schema(task.spec, key), task.label)
     nbytes, crc = checkpoints.write_shard(table, task.path)

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from pipelines import checkpoints, storage
 from pipelines.checkpoints import Manifest
 from pipelines.errors import PipelineError
 from pipelines.extract.plan import ExtractionPlan
+
+log = logging.getLogger(__name__)
 
 
 class ExtractionIncomplete(PipelineError):
@@ -56,6 +59,7 @@ def commit_manifest(plan: ExtractionPlan, source_url: str) -> Manifest:
     if problems:
         storage.delete(success)
         raise ExtractionIncomplete(problems)
+    _refuse_empty_tables(plan, tables, success)
     manifest = Manifest(plan.pair, plan.window, plan.key, plan.root, tables,
                         source=source_url, shard_days=plan.shard_days)
     body = json.dumps(manifest.to_json(), indent=1, sort_keys=True).encode()
@@ -63,3 +67,32 @@ def commit_manifest(plan: ExtractionPlan, source_url: str) -> Manifest:
     storage.write_bytes(success, json.dumps(
         {"manifest_bytes": len(body), "totals": manifest.totals()}, sort_keys=True).encode())
     return manifest
+
+
+def _refuse_empty_tables(plan: ExtractionPlan, tables: list[dict], success: str) -> None:
+    """Refuse to commit when a table has no rows in the whole window.
+
+    An empty targets table would make an empty training file, an empty feature table
+    columns that are entirely NULL: both are broken input, not data. The commit records
+    of the empty tables' shards are removed (their files stay: another pair's manifest
+    may list a shared one) so that the next run reads them again instead of trusting
+    what was empty.
+    """
+    empty = [(spec, entry) for spec, entry in zip(plan.specs, tables) if entry["rows"] == 0]
+    if not empty:
+        return
+    storage.delete(success)
+    for spec, _entry in empty:
+        log.error("empty: %s.%s has no rows in window %s", spec.dataset, spec.table,
+                  plan.window.id)
+        for task in plan.tasks_of(spec):
+            storage.delete(task.record_path)
+    spec = empty[0][0]
+    if spec.group == "targets":
+        consequence = "the training file would have no rows"
+    else:
+        consequence = f"its {len(spec.columns)} column(s) would be entirely NULL"
+    more = f" ({len(empty)} empty tables)" if len(empty) > 1 else ""
+    raise PipelineError(
+        f"table {spec.dataset}.{spec.table} has no rows in window {plan.window.id}{more}: "
+        f"{consequence}; load it or choose a window it covers (nothing committed)")

@@ -98,6 +98,8 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
     merge to the same output.
     """
     joiner_cls = joiner_class(method)
+    if not storage.is_gcs(output) and os.path.isdir(output):
+        raise PipelineError(f"output {output} is a folder; give the training file's path")
     if storage.exists(output) and not overwrite:
         raise PipelineError(f"output {output} already exists; pass --overwrite to replace it")
     with cli.stage("preflight", tables=len(manifest.tables)) as out:
