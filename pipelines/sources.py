@@ -4,6 +4,11 @@ A source answers three things: the columns of every table of a dataset (from
 INFORMATION_SCHEMA), a GoogleSQL query as an Arrow table, and a GoogleSQL query as rows.
 The DuckDB source translates GoogleSQL with :func:`pipelines.sql.to_duckdb`; the
 BigQuery source runs it as it is and reads bulk results through the Storage Read API.
+
+Every BigQuery call retries transient errors through the client libraries, with the
+timing of :func:`pipelines.storage.retry_timing` (``BQX_RETRY_SECONDS``): REST calls with
+:func:`bigquery_retry`, failed query jobs re-run with :func:`bigquery_job_retry`, Storage
+Read API calls with :func:`read_api_retry`. Permanent errors are not retried.
 """
 from __future__ import annotations
 
@@ -16,12 +21,54 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from pipelines.errors import PipelineError
+from pipelines.storage import retry_timing
 
 DEFAULT_DATA_DIR = "data"
 DEFAULT_SCRATCH_DATASET = "bqx_extract_scratch"
 SCRATCH_HOURS = 6  # scratch result tables expire on their own after this
 
 log = logging.getLogger(__name__)
+
+
+def bigquery_retry():
+    """Retry of BigQuery REST calls (jobs.insert, getQueryResults, tables, datasets): the
+    library's predicate (reasons rateLimitExceeded, backendError, internalError,
+    badGateway; 429/500/502/503 and connection errors) with :func:`retry_timing`."""
+    from google.cloud.bigquery.retry import DEFAULT_RETRY
+
+    timing = retry_timing()
+    return DEFAULT_RETRY.with_timeout(timing.deadline).with_delay(
+        initial=timing.initial, maximum=timing.maximum, multiplier=timing.multiplier)
+
+
+def bigquery_job_retry():
+    """Retry of a query job that failed for a transient reason (jobRateLimitExceeded,
+    jobBackendError, ...): the library re-runs it under a new job id. The library's
+    predicate; its deadline is four times the per-call one, as the library's default
+    is, because one job retry may follow a whole exhausted call retry."""
+    from google.cloud.bigquery.retry import DEFAULT_JOB_RETRY
+
+    timing = retry_timing()
+    return DEFAULT_JOB_RETRY.with_timeout(4 * timing.deadline).with_delay(
+        initial=timing.initial, maximum=timing.maximum, multiplier=timing.multiplier)
+
+
+def read_api_retry():
+    """Retry of Storage Read API calls (gRPC ``CreateReadSession``, ``ReadRows``):
+    UNAVAILABLE and DEADLINE_EXCEEDED as the library's defaults, plus RESOURCE_EXHAUSTED
+    (a rate limit on read sessions, which the defaults do not retry), with
+    :func:`retry_timing`. A stream broken mid-way is resumed from its offset by the
+    library's ``ReadRowsStream``, whose reconnects use this retry too."""
+    from google.api_core import exceptions
+    from google.api_core import retry as retries
+
+    timing = retry_timing()
+    return retries.Retry(
+        predicate=retries.if_exception_type(exceptions.ServiceUnavailable,
+                                            exceptions.DeadlineExceeded,
+                                            exceptions.ResourceExhausted),
+        initial=timing.initial, maximum=timing.maximum, multiplier=timing.multiplier,
+        timeout=timing.deadline)
 
 
 def default_warehouse_path() -> str:
@@ -197,8 +244,9 @@ class BigQuerySource:
         from google.api_core import exceptions
 
         try:
-            job = self._client.query(googlesql)
-            return [dict(row.items()) for row in job.result()]
+            job = self._client.query(googlesql, retry=bigquery_retry(),
+                                     job_retry=bigquery_job_retry())
+            return [dict(row.items()) for row in job.result(retry=bigquery_retry())]
         except exceptions.GoogleAPIError as exc:
             raise self._error(exc, googlesql, what) from None
 
@@ -209,7 +257,8 @@ class BigQuerySource:
 
         config = bigquery.QueryJobConfig(dry_run=True, use_query_cache=False)
         try:
-            job = self._client.query(str(googlesql), job_config=config, location=self.location)
+            job = self._client.query(str(googlesql), job_config=config, location=self.location,
+                                     retry=bigquery_retry(), job_retry=bigquery_job_retry())
         except api_errors.GoogleAPIError as exc:
             raise self._error(exc, googlesql, "dry run") from None
         return int(job.total_bytes_processed or 0)
@@ -229,13 +278,15 @@ class BigQuerySource:
         except exceptions.GoogleAPIError as exc:
             raise self._error(exc, googlesql, None) from None
         try:
-            self._client.query(ddl, location=location).result()
+            self._client.query(ddl, location=location, retry=bigquery_retry(),
+                               job_retry=bigquery_job_retry()).result(retry=bigquery_retry())
             return self._read_table(dataset, name)
         except exceptions.GoogleAPIError as exc:
             raise self._error(exc, googlesql, None) from None
         finally:
             try:
-                self._client.delete_table(f"{self.project}.{dataset}.{name}", not_found_ok=True)
+                self._client.delete_table(f"{self.project}.{dataset}.{name}", not_found_ok=True,
+                                          retry=bigquery_retry())
             except exceptions.GoogleAPIError as exc:  # it expires anyway
                 log.warning("could not delete scratch table %s.%s: %s", dataset, name, exc)
 
@@ -255,12 +306,12 @@ class BigQuerySource:
             read_session=types.ReadSession(
                 table=f"projects/{self.project}/datasets/{dataset}/tables/{table}",
                 data_format=types.DataFormat.ARROW),
-            max_stream_count=1)
+            max_stream_count=1, retry=read_api_retry())
         schema = pa.ipc.read_schema(pa.py_buffer(session.arrow_schema.serialized_schema))
         batches = []
         for stream in session.streams:
             # The stream object resumes from its offset on transient errors by itself.
-            for response in reader.read_rows(stream.name):
+            for response in reader.read_rows(stream.name, retry=read_api_retry()):
                 data = response.arrow_record_batch.serialized_record_batch
                 if data:
                     batches.append(pa.ipc.read_record_batch(pa.py_buffer(data), schema))
@@ -277,7 +328,7 @@ class BigQuerySource:
         project, dataset = tables[0][0], tables[0][1]
         if (project, dataset) not in self._locations:
             self._locations[(project, dataset)] = self._client.get_dataset(
-                f"{project}.{dataset}").location
+                f"{project}.{dataset}", retry=bigquery_retry()).location
         return self._locations[(project, dataset)]
 
     def _scratch(self, location: str | None) -> str:
@@ -291,7 +342,7 @@ class BigQuerySource:
         spec.location = location
         spec.default_table_expiration_ms = SCRATCH_HOURS * 3600 * 1000
         spec.description = "Temporary query results of the BQX extract job (expire on their own)"
-        found = self._client.create_dataset(spec, exists_ok=True)
+        found = self._client.create_dataset(spec, exists_ok=True, retry=bigquery_retry())
         if location and found.location and found.location.lower() != location.lower():
             raise PipelineError(
                 f"scratch dataset {self.project}.{dataset} is in {found.location}, the source "

@@ -9,15 +9,26 @@ Outputs too large for the local disk (the training file: on Cloud Run the disk i
 memory) are streamed to a temporary object beside the final name instead, checked
 there, and published by a server-side copy: :func:`atomic_gcs_object`.
 
-``gs://`` goes through google-cloud-storage (one client per thread) with the library's
-retry policies, and reads of parquet through ``pyarrow.fs.GcsFileSystem`` (ranged
-reads, nothing buffered beyond what pyarrow asks for). With ``STORAGE_EMULATOR_HOST``
-set both talk to that emulator anonymously; otherwise they use the default credentials.
+``gs://`` goes through google-cloud-storage (one client per thread), and reads of
+parquet through ``pyarrow.fs.GcsFileSystem`` (ranged reads, nothing buffered beyond what
+pyarrow asks for). With ``STORAGE_EMULATOR_HOST`` set both talk to that emulator
+anonymously; otherwise they use the default credentials.
+
+Faults. Transient errors (429, 408, 5xx, dropped connections) are retried by the
+libraries themselves with exponential back-off, for at most :func:`retry_timing`'s
+deadline per call (``BQX_RETRY_SECONDS``, default 120 s), which the BigQuery clients of
+:mod:`pipelines.sources` share; :func:`gcs_retry` is the one policy of every
+google-cloud-storage call. Writes are conditional on the generation they replace, so
+repeating one whose response was lost is safe. Permanent errors (403, 404, a missing
+bucket) are not retried: they become a :class:`PipelineError` naming the path at once. A
+full local disk is one too, and leaves nothing under the final name.
 """
 from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
+import errno
 import functools
 import os
 import posixpath
@@ -33,6 +44,54 @@ from pipelines.errors import PipelineError
 
 _CHUNK = 4 << 20
 TEMP_MARK = ".tmp-"
+
+# Retry timing of every client call (see retry_timing); seconds.
+RETRY_SECONDS_ENV = "BQX_RETRY_SECONDS"
+RETRY_INITIAL_ENV = "BQX_RETRY_INITIAL_SECONDS"
+DEFAULT_RETRY_SECONDS = 120.0
+DEFAULT_RETRY_INITIAL = 1.0
+RETRY_MAXIMUM = 30.0
+RETRY_MULTIPLIER = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryTiming:
+    """How a client call retries transient errors: back-off from ``initial`` seconds,
+    times ``multiplier`` per attempt up to ``maximum`` (each sleep is drawn uniformly
+    below it), for at most ``deadline`` seconds in all."""
+
+    initial: float
+    maximum: float
+    multiplier: float
+    deadline: float
+
+
+def retry_timing() -> RetryTiming:
+    """The retry timing of every client call: google-cloud-storage, pyarrow's GCS reads,
+    BigQuery REST and the Storage Read API.
+
+    ``$BQX_RETRY_SECONDS`` (default 120): how long one call keeps retrying. Long enough
+    to ride out a front end's brief unavailability or a rate limit, short enough that an
+    outage fails the job (which resumes where it stopped) instead of hanging it; tests
+    shorten it. ``$BQX_RETRY_INITIAL_SECONDS`` (default 1): the first back-off.
+    """
+    deadline = _env_seconds(RETRY_SECONDS_ENV, DEFAULT_RETRY_SECONDS)
+    initial = min(_env_seconds(RETRY_INITIAL_ENV, DEFAULT_RETRY_INITIAL), deadline)
+    return RetryTiming(initial, max(initial, min(RETRY_MAXIMUM, deadline / 4)),
+                       RETRY_MULTIPLIER, deadline)
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise PipelineError(f"{name}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise PipelineError(f"{name}={raw} must be more than 0 seconds")
+    return value
 
 
 def is_gcs(path: str) -> bool:
@@ -111,7 +170,10 @@ def _arrow_gcs(emulator: str | None, pid: int):
 
     from pyarrow import fs
 
-    retry = dt.timedelta(seconds=float(os.environ.get("BQX_GCS_READ_RETRY_SECONDS", 60)))
+    # google-cloud-cpp under pyarrow retries transient errors by itself until this limit
+    # (its back-off is its own); BQX_GCS_READ_RETRY_SECONDS overrides it for reads only.
+    seconds = _env_seconds("BQX_GCS_READ_RETRY_SECONDS", retry_timing().deadline)
+    retry = dt.timedelta(seconds=seconds)
     if emulator:
         scheme, _, host = emulator.rpartition("://")
         return fs.GcsFileSystem(anonymous=True, endpoint_override=host,
@@ -119,11 +181,54 @@ def _arrow_gcs(emulator: str | None, pid: int):
     return fs.GcsFileSystem(retry_time_limit=retry)
 
 
-def _retry():
-    """The library's default retry (transient errors, exponential back-off)."""
-    from google.cloud.storage.retry import DEFAULT_RETRY
+def gcs_retry(conditional: bool = False):
+    """The retry policy of every google-cloud-storage call: the library's own predicate
+    (``DEFAULT_RETRY``: 429, 408, 5xx, connection errors) with :func:`retry_timing`.
 
-    return DEFAULT_RETRY
+    ``conditional=True`` for writes: a write is retried only when it carries a
+    generation precondition (``if_generation_match``), which makes repeating it safe
+    (the library's ``DEFAULT_RETRY_IF_GENERATION_SPECIFIED``, with the same timing).
+    """
+    from google.cloud.storage.retry import DEFAULT_RETRY, ConditionalRetryPolicy, is_generation_specified
+
+    timing = retry_timing()
+    policy = DEFAULT_RETRY.with_timeout(timing.deadline).with_delay(
+        initial=timing.initial, maximum=timing.maximum, multiplier=timing.multiplier)
+    if conditional:
+        return ConditionalRetryPolicy(policy, is_generation_specified, ["query_params"])
+    return policy
+
+
+# Buckets this process has seen to exist: a 404 in them means a missing object only.
+_buckets_seen: set[str] = set()
+
+
+def _no_bucket(bucket: str, path: str) -> PipelineError:
+    return PipelineError(f"gs://{bucket}: the bucket does not exist (deleted, or a wrong "
+                         f"name?); needed for {path}")
+
+
+def _require_bucket(path: str) -> None:
+    """Raise a PipelineError naming the bucket when the bucket of ``path`` does not exist.
+
+    GCS answers 404 for a missing object and for a missing bucket alike, and a deleted
+    bucket must not read as "no checkpoint yet" (a resume would redo everything and fail
+    on every upload). Asked by listing at most one object, which the jobs' object roles
+    allow (``buckets.get`` they do not), once per bucket and process.
+    """
+    from google.api_core import exceptions
+
+    bucket, _ = _split(path)
+    if bucket in _buckets_seen:
+        return
+    try:
+        list(_client().list_blobs(bucket, max_results=1, fields="items(name)",
+                                  retry=gcs_retry()))
+    except exceptions.NotFound:
+        raise _no_bucket(bucket, path) from None
+    except exceptions.GoogleAPIError as exc:
+        raise _gcs_error(path, f"checking bucket gs://{bucket}", exc) from None
+    _buckets_seen.add(bucket)
 
 
 def _blob(path: str):
@@ -134,7 +239,29 @@ def _blob(path: str):
 
 
 def _gcs_error(path: str, what: str, exc: Exception) -> PipelineError:
-    return PipelineError(f"{path}: {what} failed: {exc}")
+    return PipelineError(f"{path}: {what} failed: {_whole_error(exc)}")
+
+
+def _whole_error(exc: Exception) -> str:
+    """The error with what the server said: the upload library's InvalidResponse shows
+    only the status, so its response body (GCS's JSON message) is added."""
+    from google.api_core import exceptions
+
+    text = str(exc)
+    response = getattr(exc, "response", None)
+    if response is None or isinstance(exc, exceptions.GoogleAPIError):
+        return text
+    try:
+        body = response.text
+    except Exception:  # noqa: BLE001 - a body that cannot be read adds nothing
+        return text
+    try:
+        import json
+
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = " ".join(str(body).split())
+    return f"{text}: {message}" if message else text
 
 
 def _get_blob(path: str):
@@ -143,11 +270,14 @@ def _get_blob(path: str):
 
     bucket, name = _split(path)
     try:
-        return _client().bucket(bucket).get_blob(name, retry=_retry())
-    except exceptions.NotFound:  # the bucket itself is missing
-        return None
+        blob = _client().bucket(bucket).get_blob(name, retry=gcs_retry())
+    except exceptions.NotFound:  # get_blob returns None instead, but be sure
+        blob = None
     except exceptions.GoogleAPIError as exc:
         raise _gcs_error(path, "reading metadata", exc) from None
+    if blob is None:
+        _require_bucket(path)
+    return blob
 
 
 def _require_blob(path: str):
@@ -170,7 +300,6 @@ def _upload(local: str, final: str) -> None:
     worker doing the same task): that is fine if its bytes are ours, an error otherwise.
     """
     from google.api_core import exceptions
-    from google.cloud.storage.retry import DEFAULT_RETRY_IF_GENERATION_SPECIFIED
 
     crc = _file_crc32c(local)
     crc_b64 = base64.b64encode(bytes.fromhex(crc)).decode()
@@ -181,7 +310,7 @@ def _upload(local: str, final: str) -> None:
             local, content_type="application/octet-stream", checksum="crc32c",
             crc32c_checksum_value=crc_b64,
             if_generation_match=current.generation if current is not None else 0,
-            retry=DEFAULT_RETRY_IF_GENERATION_SPECIFIED)
+            retry=gcs_retry(conditional=True))
     except exceptions.PreconditionFailed:
         now = _get_blob(final)
         if now is None or _hex_crc(now.crc32c) != crc or now.size != os.path.getsize(local):
@@ -199,14 +328,16 @@ def atomic_local_path(final: str) -> Iterator[str]:
 
     On any error the temporary file is removed and ``final`` is untouched. For a
     ``gs://`` ``final`` the temporary is uploaded (CRC32C verified by the server), so
-    the object appears only complete.
+    the object appears only complete. A full disk (or a file larger than the file system
+    or the process allows) is a :class:`PipelineError` naming ``final``.
     """
     if is_gcs(final):
         _split(final)
         folder = tempfile.mkdtemp(prefix="bqx-upload-")
         tmp = os.path.join(folder, f"{posixpath.basename(final)}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
         try:
-            yield tmp
+            with _disk_full_is_an_error(final, tmp):
+                yield tmp
             _upload(tmp, final)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -218,13 +349,36 @@ def atomic_local_path(final: str) -> Iterator[str]:
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(final)}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
     try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        with _disk_full_is_an_error(final, tmp):
+            yield tmp
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())  # a delayed allocation failure shows up here
+            os.replace(tmp, final)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+# errno -> what to tell the user; the errors that mean "no room for this file".
+_NO_ROOM = {
+    errno.ENOSPC: "no space left on the disk",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EFBIG: "file too large (for the file system or the process's file size limit)",
+}
+
+
+@contextlib.contextmanager
+def _disk_full_is_an_error(final: str, tmp: str) -> Iterator[None]:
+    """Turn a full disk while writing ``tmp`` into one PipelineError line naming
+    ``final``: the environment's problem, not a bug (no traceback)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _NO_ROOM:
+            raise
+        raise PipelineError(f"{final}: {_NO_ROOM[exc.errno]} while writing it (temporary "
+                            f"{tmp}: {exc.strerror or exc}); nothing was written under "
+                            "its name") from None
 
 
 # --------------------------------------------------------------------------- large gs:// outputs
@@ -284,24 +438,33 @@ class StagedObject:
         """
         from google.api_core import exceptions
         from google.cloud.storage import exceptions as media_errors
-        from google.cloud.storage.retry import DEFAULT_RETRY_IF_GENERATION_SPECIFIED
 
         writer = _blob(self.path).open(
             "wb", chunk_size=UPLOAD_CHUNK, ignore_flush=True, if_generation_match=0,
             checksum="crc32c", content_type="application/octet-stream",
-            retry=DEFAULT_RETRY_IF_GENERATION_SPECIFIED)
+            retry=gcs_retry(conditional=True))
         try:
             yield writer
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(Exception):
                 writer.terminate()  # cancel the session: nothing is finalised
+            # A chunk sent from inside the block failed for good (403, a deleted bucket,
+            # retries exhausted): one line naming the object, not a traceback.
+            if isinstance(exc, (exceptions.GoogleAPIError, media_errors.InvalidResponse)):
+                raise _gcs_error(self.final, f"streaming upload to {self.path}", exc) from None
             raise
         try:
             writer.close()  # sends the last chunk and finalises the object
-        except media_errors.DataCorruption as exc:
-            raise PipelineError(f"{self.path}: upload corrupted in transit ({exc})") from None
-        except (exceptions.GoogleAPIError, media_errors.InvalidResponse) as exc:
-            raise _gcs_error(self.path, "streaming upload", exc) from None
+        except BaseException as exc:
+            # Cancel the session; a writer left open would also try the upload again
+            # when it is garbage-collected (io's finaliser calls close()).
+            with contextlib.suppress(Exception):
+                writer.terminate()
+            if isinstance(exc, media_errors.DataCorruption):
+                raise PipelineError(f"{self.path}: upload corrupted in transit ({exc})") from None
+            if isinstance(exc, (exceptions.GoogleAPIError, media_errors.InvalidResponse)):
+                raise _gcs_error(self.final, f"streaming upload to {self.path}", exc) from None
+            raise
 
     def publish(self, overwrite: bool = True) -> None:
         """Copy :attr:`path` to :attr:`final` on the server (rewrite until done).
@@ -311,7 +474,6 @@ class StagedObject:
         is conditional on both generations, which makes retrying it safe.
         """
         from google.api_core import exceptions
-        from google.cloud.storage.retry import DEFAULT_RETRY_IF_GENERATION_SPECIFIED
 
         source = _require_blob(self.path)
         current = _get_blob(self.final)
@@ -325,7 +487,7 @@ class StagedObject:
                     source, token=token,
                     if_generation_match=current.generation if current is not None else 0,
                     if_source_generation_match=source.generation,
-                    retry=DEFAULT_RETRY_IF_GENERATION_SPECIFIED)
+                    retry=gcs_retry(conditional=True))
                 if token is None:
                     break
         except exceptions.PreconditionFailed:
@@ -378,9 +540,9 @@ def remove_stale_temporaries(final: str, min_age_seconds: float = STALE_TEMPORAR
     cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=min_age_seconds)
     removed = []
     try:
-        blobs = list(_client().list_blobs(bucket, prefix=f"{name}{TEMP_MARK}", retry=_retry()))
-    except exceptions.NotFound:
-        return removed
+        blobs = list(_client().list_blobs(bucket, prefix=f"{name}{TEMP_MARK}", retry=gcs_retry()))
+    except exceptions.NotFound:  # listing a bucket that exists never answers 404
+        raise _no_bucket(bucket, final) from None
     except exceptions.GoogleAPIError as exc:
         raise _gcs_error(final, "listing temporaries", exc) from None
     for blob in blobs:
@@ -404,8 +566,9 @@ def read_bytes(path: str) -> bytes:
         from google.api_core import exceptions
 
         try:
-            return _blob(path).download_as_bytes(retry=_retry())
+            return _blob(path).download_as_bytes(retry=gcs_retry())
         except exceptions.NotFound:
+            _require_bucket(path)
             raise FileNotFoundError(path) from None
         except exceptions.GoogleAPIError as exc:
             raise _gcs_error(path, "download", exc) from None
@@ -467,11 +630,11 @@ def _list_gcs(prefix: str) -> Iterator[str]:
 
     bucket, name = _split(prefix)
     try:
-        for blob in _client().list_blobs(bucket, prefix=name or None, retry=_retry(),
+        for blob in _client().list_blobs(bucket, prefix=name or None, retry=gcs_retry(),
                                          fields="items(name),nextPageToken"):
             yield f"gs://{bucket}/{blob.name}"
-    except exceptions.NotFound:
-        return
+    except exceptions.NotFound:  # listing a bucket that exists never answers 404
+        raise _no_bucket(bucket, prefix) from None
     except exceptions.GoogleAPIError as exc:
         raise _gcs_error(prefix, "listing", exc) from None
 
@@ -497,7 +660,7 @@ def delete(path: str) -> None:
         from google.api_core import exceptions
 
         try:
-            _blob(path).delete(retry=_retry())
+            _blob(path).delete(retry=gcs_retry())
         except exceptions.NotFound:
             pass
         except exceptions.GoogleAPIError as exc:

@@ -10,54 +10,18 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
-BUCKET = "bqx-test"
-# gcp-storage-emulator serves one request at a time; pyarrow's GCS reader keeps a download
-# open while it issues range reads, which then waits forever. One thread per connection.
-_THREADED_GCS_EMULATOR = """
-import http.server, sys
-http.server.HTTPServer = http.server.ThreadingHTTPServer
-from gcp_storage_emulator.__main__ import main
-main(["-d", sys.argv[1], "start", "--port", sys.argv[2], "--default-bucket", sys.argv[3], "-q"])
-"""
-PROJECT = "bqx-ml"
+# Starting the GCS emulator's process lives in emulator_procs.py, shared with the soak
+# (python -m bench.soak), which runs without pytest.
+from emulator_procs import BUCKET, PROJECT, free_port, gcs_emulator_process
+from emulator_procs import stop as _stop
+from emulator_procs import wait_http as _wait_http
+
 BIN = os.path.dirname(sys.executable)
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"emulator exited with {proc.returncode}: {open(log).read()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"emulator at {url} did not answer in {timeout}s: {open(log).read()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -68,19 +32,9 @@ def gcs_emulator(tmp_path_factory):
     google-cloud-storage and Beam's gs:// filesystem talk to it.
     """
     data = tmp_path_factory.mktemp("gcs")
-    port = free_port()
-    log = str(data / "emulator.log")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _THREADED_GCS_EMULATOR, str(data), str(port), BUCKET],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=str(data))
-    host = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(f"{host}/storage/v1/b/{BUCKET}", proc, log)
-        with _env(STORAGE_EMULATOR_HOST=host, GOOGLE_CLOUD_PROJECT=PROJECT):
-            yield {"host": host, "data_dir": str(data), "bucket": BUCKET,
-                   "objects_dir": str(data / ".cloudstorage")}
-    finally:
-        _stop(proc)
+    with gcs_emulator_process(str(data), BUCKET) as emulator:
+        with _env(STORAGE_EMULATOR_HOST=emulator["host"], GOOGLE_CLOUD_PROJECT=PROJECT):
+            yield emulator
 
 
 @pytest.fixture(scope="session")

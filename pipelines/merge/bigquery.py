@@ -35,6 +35,11 @@ rest, so the job fits 1 vCPU / 2 GiB whatever the size of the pair:
 no data, no cost), prints the SQL, the bytes BigQuery's dry-run jobs report, an estimate
 from the manifest (BigQuery bills logical bytes), the cost at $6.25/TiB, and removes the
 definitions again. Errors from BigQuery are shown whole.
+
+Transient errors are retried by the client library with the retry of
+:func:`pipelines.sources.bigquery_retry` (and query jobs with
+:func:`pipelines.sources.bigquery_job_retry`); every call is safe to repeat after a
+lost response (client-chosen job ids, run-unique table names).
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ from pipelines import cli, storage
 from pipelines.catalog import TableSpec
 from pipelines.checkpoints import Manifest
 from pipelines.errors import PipelineError
+from pipelines.sources import bigquery_job_retry, bigquery_retry
 
 log = logging.getLogger("pipelines.merge.bigquery")
 
@@ -506,7 +512,9 @@ class _Staged:
             else:
                 table = native_table(table_id, spec, key, plan.labels, expires)
             try:
-                self.client.create_table(table)
+                # exists_ok: the name is unique to this run, so a table that exists is
+                # ours, created by a call whose response was lost and that was retried.
+                self.client.create_table(table, exists_ok=True, retry=bigquery_retry())
             except Exception as exc:
                 raise _fail(f"creating staging table {table_id} for {spec.dataset}.{spec.table}",
                             exc) from None
@@ -514,23 +522,21 @@ class _Staged:
             self._load_all()
 
     def _load_all(self) -> None:
-        plan, key = self.plan, self.plan.manifest.key
+        plan = self.plan
         pending = list(enumerate(plan.specs))
         running: list[tuple[int, Any]] = []
         while pending or running:
             while pending and len(running) < LOAD_PARALLELISM:
                 i, spec = pending.pop(0)
                 try:
-                    job = self.client.load_table_from_uri(
-                        plan.uris(i), plan.table_id(i, self.project),
-                        job_config=load_config(spec, key, plan.labels))
+                    job = self._start_load(i, spec)
                 except Exception as exc:
                     raise _fail(f"starting the load of {spec.dataset}.{spec.table}", exc) from None
                 running.append((i, job))
             i, job = running.pop(0)
             spec = plan.specs[i]
             try:
-                job.result()
+                job.result(retry=bigquery_retry())
             except Exception as exc:
                 raise _fail(f"load job {job.job_id} of {spec.dataset}.{spec.table}", exc,
                             job) from None
@@ -539,12 +545,32 @@ class _Staged:
                 raise PipelineError(f"load of {spec.dataset}.{spec.table} wrote "
                                     f"{job.output_rows} rows, the manifest says {want}")
 
+    def _start_load(self, i: int, spec: TableSpec):
+        """Start the load job of manifest table ``i`` under a job id chosen here.
+
+        The library retries ``jobs.insert`` after a lost response; for a load job (unlike
+        a query) it does not pick up the job that the first attempt created, and the
+        retry fails with 409. With our own id that job is fetched instead: it ran once.
+        """
+        from google.api_core import exceptions
+
+        plan = self.plan
+        job_id = f"bqx_merge_load_{plan.run_id}_{i:03d}_{uuid.uuid4().hex[:8]}"
+        try:
+            return self.client.load_table_from_uri(
+                plan.uris(i), plan.table_id(i, self.project), job_id=job_id,
+                job_config=load_config(spec, plan.manifest.key, plan.labels),
+                retry=bigquery_retry())
+        except exceptions.Conflict:
+            log.info("load job %s already exists (a retried request): using it", job_id)
+            return self.client.get_job(job_id, retry=bigquery_retry())
+
     def close(self) -> list[str]:
         """Delete every staged table; return the ids that could not be deleted."""
         left = []
         for table_id in self.ids:
             try:
-                self.client.delete_table(table_id, not_found_ok=True)
+                self.client.delete_table(table_id, not_found_ok=True, retry=bigquery_retry())
             except Exception as exc:  # keep going: delete all the others
                 log.error("could not delete staging table %s: %s", table_id,
                           bigquery_error_text(exc))
@@ -562,7 +588,7 @@ def _ensure_dataset(client, plan: Plan, location: str | None) -> None:
     ds.labels = {"bqx-job": "merge"}
     ds.description = "Temporary tables of the bqx bigquery merge (removed after each run)"
     try:
-        client.create_dataset(ds, exists_ok=True)
+        client.create_dataset(ds, exists_ok=True, retry=bigquery_retry())
     except Exception as exc:
         raise _fail(f"creating scratch dataset {client.project}.{plan.dataset}", exc) from None
 
@@ -574,9 +600,10 @@ def _run_query(client, sql: str, what: str, labels: dict[str, str], dry_run: boo
                                      dry_run=dry_run)
     job = None
     try:
-        job = client.query(sql, job_config=config)
+        job = client.query(sql, job_config=config, retry=bigquery_retry(),
+                           job_retry=bigquery_job_retry())
         if not dry_run:
-            job.result()
+            job.result(retry=bigquery_retry())
     except Exception as exc:
         raise _fail(what, exc, job) from None
     return job
