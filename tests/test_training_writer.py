@@ -104,3 +104,30 @@ def test_row_group_rows_shapes_the_file_not_its_content(extracted, tmp_path):
     reference = outputs["one"].read()
     for name in ("daily", "tiny_batches"):
         assert outputs[name].read().equals(reference), name
+
+
+def test_merge_validation_uses_the_writers_counts_and_reads_back_samples(extracted, tmp_path):
+    """The merge's report equals a full read-back's, and counts that disagree with the
+    file (as if a piece had been assembled wrongly) fail validation, naming the column."""
+    import json
+
+    from pipelines.validate import ColumnCounts, validate_file
+
+    out = str(tmp_path / "t.parquet")
+    proc = run_module("pipelines.merge", "--pair", "eurusd", "--checkpoint-root", extracted,
+                      "--output", out, "--memory-budget", "401MiB")
+    assert proc.returncode == 0, proc.stderr
+    merged = json.loads(open(str(tmp_path / "t.validation.json")).read())
+    assert merged["content_check"].startswith("counted while writing")
+    full = validate_file(out).to_dict()
+    for field in ("families", "target_null_rates", "infinities", "all_null_columns", "key_digest"):
+        assert merged[field] == full[field], field
+
+    names = pq.read_schema(out).names
+    table = pq.read_table(out, columns=names[1:4])
+    nulls = np.zeros(len(names), dtype=np.int64)
+    nulls[1:4] = [c.null_count for c in table.columns]
+    assert validate_file(out, counted=ColumnCounts(nulls, nulls * 0, names[1:4])).ok
+    nulls[2] += 1
+    report = validate_file(out, counted=ColumnCounts(nulls, nulls * 0, names[1:4]))
+    assert [f for f in report.hard_failures if f.startswith(f"column {names[2]}:")], report.hard_failures

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -11,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines import checkpoints, cli, storage
 from pipelines.checkpoints import Manifest
@@ -18,7 +20,7 @@ from pipelines.errors import PipelineError
 from pipelines.merge import budget as budgets
 from pipelines.merge.reader import ShardCursor, plan_row_groups
 from pipelines.merge.writer import TrainingFileWriter
-from pipelines.validate import KeyDigest, default_report_path, validate_file
+from pipelines.validate import ColumnCounts, KeyDigest, default_report_path, validate_file
 from pipelines.window import window_from_options
 
 log = logging.getLogger("pipelines.merge")
@@ -118,14 +120,24 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
     spine_total = manifest.targets["rows"]
     scratch = storage.temp_dir("bqx-merge-")
 
-    def validated(written: str, digest: str):
-        """Validate the merged file at ``written``; raise if it fails."""
+    def validated(path: str, written: Written):
+        """Validate the merged file at ``path``; raise if it fails.
+
+        The bytes are checked to be the ones written (size; in a bucket also the CRC32C
+        GCS computed on receipt); the footer, key column and a sample of columns are read
+        back; NULL and infinity counts come from the arrays that were encoded."""
         with cli.stage("validate", path=output) as vout:
-            result = validate_file(written, expected={"spine_rows": spine_total,
-                                                      "spine_digest": digest,
-                                                      "pair": manifest.pair},
+            stored = (storage.size(path), storage.crc32c(path) if storage.is_gcs(path) else written.crc32c)
+            if stored != (written.nbytes, written.crc32c):
+                raise PipelineError(f"{path} holds {stored[0]} bytes with CRC32C {stored[1]}, "
+                                    f"the merge wrote {written.nbytes} with {written.crc32c}: "
+                                    "not published")
+            result = validate_file(path, expected={"spine_rows": spine_total,
+                                                   "spine_digest": written.digest,
+                                                   "pair": manifest.pair},
                                    columns_per_batch=budgets.validation_columns(
-                                       min(row_group_rows, spine_total), memory_budget))
+                                       min(row_group_rows, spine_total), memory_budget),
+                                   counted=written.counts)
             vout.update(ok=result.ok)
         if not result.ok:
             print(result.summary(), file=sys.stderr)
@@ -142,14 +154,14 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
                 with storage.atomic_gcs_object(output, overwrite=overwrite) as staged:
                     log.info("[merge] streaming to %s", staged.path)
                     with staged.open_write() as sink:
-                        digest = _merge_row_groups(manifest, specs, schema, sink, joiner_cls,
-                                                   row_group_rows, memory_budget, scratch)
-                    report = validated(staged.path, digest)
+                        written = _merge_row_groups(manifest, specs, schema, sink, joiner_cls,
+                                                    row_group_rows, memory_budget, scratch)
+                    report = validated(staged.path, written)
             else:
                 with storage.atomic_local_path(output) as tmp:
-                    digest = _merge_row_groups(manifest, specs, schema, tmp, joiner_cls,
-                                               row_group_rows, memory_budget, scratch)
-                    report = validated(tmp, digest)
+                    written = _merge_row_groups(manifest, specs, schema, tmp, joiner_cls,
+                                                row_group_rows, memory_budget, scratch)
+                    report = validated(tmp, written)
             out.update(output=output, rows=spine_total)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -158,10 +170,28 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
     return report
 
 
+@dataclasses.dataclass
+class Written:
+    """What the merge knows of the file it wrote, for its validation."""
+
+    digest: str            # of the spine keys
+    nbytes: int            # the file's size
+    crc32c: str            # of every byte written
+    counts: ColumnCounts   # NULLs and infinities per column, and columns to read back
+
+
+def _count_values(table: pa.Table, first: int, nulls: np.ndarray, infs: np.ndarray) -> None:
+    """Add ``table``'s NULLs and infinities per column at positions ``first``... ."""
+    for i, column in enumerate(table.columns, start=first):
+        nulls[i] += column.null_count
+        if pa.types.is_floating(column.type) and column.null_count < len(column):
+            infs[i] += pc.sum(pc.is_inf(column)).as_py() or 0
+
+
 def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner_cls,
-                      row_group_rows: int, memory_budget: int, scratch: str) -> str:
+                      row_group_rows: int, memory_budget: int, scratch: str) -> Written:
     """Stream every row group, a column batch at a time, through the join into ``path``
-    (a local path or a writable binary stream); return the spine digest."""
+    (a local path or a writable binary stream)."""
     key = manifest.key
     listed_in = checkpoints.manifest_path(manifest.root, manifest.pair, manifest.window)
     cursors = [
@@ -171,8 +201,8 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
     ]
     shard_rows = [shard["rows"] for shard in manifest.targets["shards"]]
     groups = plan_row_groups(shard_rows, row_group_rows)
-    starts = np.cumsum([0] + groups)
-    largest = max((sum(shard_rows[a:b]) for a, b in zip(starts[:-1], starts[1:])), default=0)
+    bounds = np.cumsum([0] + groups)
+    largest = max((sum(shard_rows[a:b]) for a, b in zip(bounds[:-1], bounds[1:])), default=0)
     # Batch b of a row group joins the tables batches[b] (index 0 is the spine: key and
     # targets come first); a batch's size, not the row group's, is what the budget bounds.
     batches = budgets.column_batches(
@@ -188,6 +218,15 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
     log.info("[merge] %d row group(s) of up to %d rows, %d column batches each",
              len(groups), largest, len(batches))
     done = rows = 0
+    nulls = np.zeros(len(schema), dtype=np.int64)
+    infs = np.zeros(len(schema), dtype=np.int64)
+    # Output position of each table's first column (the spine's key is column 0), and
+    # the first and last column of every batch: reading those back decodes every piece
+    # the writer assembled.
+    widths = [len(c.schema) if i == 0 else len(c.schema) - 1 for i, c in enumerate(cursors)]
+    starts = np.concatenate([[0], np.cumsum(widths)]).tolist()
+    check_columns = sorted({schema.names[p] for b in batches
+                            for p in (starts[b[0]], starts[b[-1] + 1] - 1)}, key=schema.names.index)
     # Batch k is encoded and written on a background thread (pyarrow releases the GIL)
     # while batch k+1 is read and joined: two batches are alive at once, which the
     # budget model counts (budget.BATCH_COPIES). Every writer call goes through that
@@ -209,6 +248,7 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
                 table = joiner.join(base, parts)
                 if batch[0] != 0:
                     table = table.drop_columns([key])
+                _count_values(table, starts[batch[0]], nulls, infs)
                 pending.result()
                 pending = background.submit(writer.write_columns, table)
                 del table
@@ -227,7 +267,8 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
     if rows != len(spine_keys):
         raise PipelineError(f"spine of {manifest.pair} changed while merging "
                             f"({rows} rows read, {len(spine_keys)} expected)")
-    return digest.hexdigest()
+    return Written(digest.hexdigest(), writer.nbytes, writer.crc32c,
+                   ColumnCounts(nulls, infs, check_columns))
 
 
 def _spine_keys(manifest: Manifest, spec) -> pa.Array:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any, BinaryIO
 
+import google_crc32c
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -84,6 +85,7 @@ class TrainingFileWriter:
         self._owns_sink = isinstance(sink, str)
         self._out: BinaryIO = open(sink, "wb") if self._owns_sink else sink
         self._pos = 0
+        self._crc = google_crc32c.Checksum()
         self._row_groups: list[dict] = []
         self._group: dict | None = None
         self._next_column = 0
@@ -92,7 +94,18 @@ class TrainingFileWriter:
 
     def _emit(self, data) -> None:
         self._out.write(data)
+        self._crc.update(data)
         self._pos += len(data)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes written so far."""
+        return self._pos
+
+    @property
+    def crc32c(self) -> str:
+        """CRC32C of every byte written so far, as 8 hex digits (as GCS reports it)."""
+        return self._crc.digest().hex()
 
     def begin_row_group(self, num_rows: int) -> None:
         """Start a row group of ``num_rows`` rows."""
@@ -127,7 +140,7 @@ class TrainingFileWriter:
         for fid in (_RG_BYTES, _RG_COMPRESSED):
             if fid in piece:
                 group[fid] = (tc.I64, group[fid][1] + piece[fid][1])
-        self._emit(memoryview(data)[len(MAGIC):footer_start])
+        self._emit(data.slice(len(MAGIC), footer_start - len(MAGIC)))
         self._next_column += table.num_columns
 
     def end_row_group(self) -> None:
