@@ -134,6 +134,10 @@ def main(argv=None) -> int:
                 r["ratio"] = r["wall"] / floor_wall if floor_wall and r["code"] == 0 else None
                 results.append(r)
                 print(_row(r), flush=True)
+                if run in METHODS and r["code"] == 0:
+                    from bench.read import describe, measure
+                    r["read"] = measure(out)
+                    print(f"{'':>16} {describe(r['read'])}", flush=True)
                 if os.path.exists(out):
                     os.unlink(out)
             if not args.keep:
@@ -178,6 +182,10 @@ def write_report(path: str, results: list[dict], machine: str, command: str) -> 
         for r in (r for r in results if r["rows"] == rows):
             cells = _row(r).split(None, 5)
             lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        for r in (r for r in results if r["rows"] == rows and r.get("read")):
+            from bench.read import describe
+            lines.append(f"- `{r['run']}` output: {describe(r['read'])}.")
         lines.append("")
     chart = os.path.splitext(path)[0] + ".png"
     if _chart(chart, results):
