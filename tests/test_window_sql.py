@@ -87,3 +87,28 @@ def test_window_from_options_both_or_neither():
         window_from_options("2025-01-06", None)
     with pytest.raises(PipelineError, match="not a date"):
         window_from_options("2025-13-01", "2025-01-06")
+
+
+def test_templated_queries_equal_direct_renderings():
+    """Queries are rendered once per shape and names/bounds spliced in: the text must be
+    exactly what rendering each table's own tree gives (it is fingerprinted)."""
+    import datetime as dt
+
+    from pipelines import sql
+    from pipelines.catalog import Column, TableSpec
+    from pipelines.window import UTC, Window
+
+    spec = TableSpec("bqx_ml_v3_features_v2", "reg_eurusd_45", "pair", False, "reg_45",
+                     (Column("mean", "reg_45_mean", "FLOAT64"), Column("n", "reg_45_n", "INT64")))
+    shard = Window(dt.datetime(2025, 1, 6, tzinfo=UTC), dt.datetime(2025, 2, 3, 12, 30, tzinfo=UTC))
+    columns = [("interval_time", None), ("mean", "reg_45_mean"), ("n", "reg_45_n")]
+    for project in (None, "bqx-ml"):
+        direct = sql._rendered(sql.select_expression(spec.dataset, spec.table, "interval_time",
+                                                     shard, project), columns)
+        got = sql.select_shard(spec, "interval_time", shard, project)
+        assert (str(got), got.duckdb) == (str(direct), direct.duckdb)
+        for min_valid in (None, dt.datetime(2000, 1, 1, tzinfo=UTC)):
+            direct = sql._rendered(sql.count_expression(spec.dataset, spec.table, "interval_time",
+                                                        shard, min_valid, project))
+            got = sql.count_shard(spec, "interval_time", shard, min_valid, project)
+            assert (str(got), got.duckdb) == (str(direct), direct.duckdb)
