@@ -35,10 +35,11 @@ from pipelines.window import Window
 
 FORMAT = 1
 
-# Checkpoint parquet settings. Each row group holds one UTC day of one table, so every
-# table's row groups cover the same time slices: the merge reads exactly the row groups
-# of the days in its window and carries nothing from one window to the next.
-ROW_GROUP_SLICE_US = 86_400_000_000
+# Checkpoint parquet settings: one row group per shard (the merge reads shards whole),
+# dictionary encoding except for floating-point columns (continuous values never fit a
+# dictionary: trying cost half of the write), page checksums, statistics on the key.
+# Part of the fingerprint: shards written otherwise are redone.
+CHECKPOINT_LAYOUT = "one row group; no dictionary for floats"
 CHECKPOINT_COMPRESSION = "snappy"
 
 
@@ -125,7 +126,7 @@ def fingerprint(select_sql: str, count_sql: str, schema: pa.Schema, policy: str)
         "count": count_sql,
         "schema": [[f.name, str(f.type)] for f in schema],
         "on_duplicate_keys": policy,
-        "row_group_slice_us": ROW_GROUP_SLICE_US,
+        "layout": CHECKPOINT_LAYOUT,
         "compression": CHECKPOINT_COMPRESSION,
     }, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
@@ -133,37 +134,20 @@ def fingerprint(select_sql: str, count_sql: str, schema: pa.Schema, policy: str)
 
 def write_shard(table: pa.Table, path: str) -> tuple[int, str]:
     """Write a checkpoint shard atomically; return its size and CRC32C."""
+    dictionary = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
     with storage.atomic_local_path(path) as tmp:
-        writer = pq.ParquetWriter(
-            tmp, table.schema,
+        pq.write_table(
+            table, tmp,
+            row_group_size=max(table.num_rows, 1),
             compression=CHECKPOINT_COMPRESSION,
+            use_dictionary=dictionary or False,
             write_page_checksum=True,
-            # Statistics on the key only: they tell the merge which day a row group
-            # holds; on hundreds of feature columns they would just grow the footer.
+            # Statistics on the key only: on hundreds of feature columns they would
+            # just grow the footer.
             write_statistics=[table.schema.names[0]],
         )
-        try:
-            for start, stop in day_slices(table):
-                writer.write_table(table.slice(start, stop - start), row_group_size=stop - start)
-            if table.num_rows == 0:
-                writer.write_table(table)
-        finally:
-            writer.close()
         nbytes, crc = storage.size(tmp), storage.crc32c(tmp)
     return nbytes, crc
-
-
-def day_slices(table: pa.Table) -> list[tuple[int, int]]:
-    """Row ranges of a key-sorted table that fall on the same UTC day."""
-    import numpy as np
-
-    if table.num_rows == 0:
-        return []
-    keys = table.column(0).combine_chunks().cast(pa.int64()).to_numpy(zero_copy_only=False)
-    days = keys // ROW_GROUP_SLICE_US
-    cuts = (np.flatnonzero(days[1:] != days[:-1]) + 1).tolist()
-    bounds = [0] + cuts + [table.num_rows]
-    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def write_record(path: str, record: dict[str, Any]) -> None:
