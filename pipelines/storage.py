@@ -347,7 +347,8 @@ def atomic_local_path(final: str) -> Iterator[str]:
         return
     folder = os.path.dirname(os.path.abspath(final))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(final)}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
+    # The pid in the name lets a later run tell a dead run's leftover from a live one.
+    tmp = os.path.join(folder, f".{os.path.basename(final)}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:12]}")
     try:
         with _disk_full_is_an_error(final, tmp):
             yield tmp
@@ -530,9 +531,16 @@ def atomic_gcs_object(final: str, overwrite: bool = True) -> Iterator[StagedObje
 
 
 def remove_stale_temporaries(final: str, min_age_seconds: float = STALE_TEMPORARY_SECONDS) -> list[str]:
-    """Delete the ``{final}.tmp-*`` objects last written ``min_age_seconds`` ago or
-    earlier (leftovers of killed runs); return their paths."""
+    """Delete leftovers of killed runs beside ``final``; return their paths.
+
+    In a bucket: the ``{final}.tmp-*`` objects last written ``min_age_seconds`` ago or
+    earlier (another machine may still be writing a newer one). Locally: the
+    ``.{name}.tmp-{pid}-*`` files whose process no longer runs.
+    """
     import datetime as dt
+
+    if not is_gcs(final):
+        return _remove_dead_local_temporaries(final)
 
     from google.api_core import exceptions
 
@@ -551,6 +559,33 @@ def remove_stale_temporaries(final: str, min_age_seconds: float = STALE_TEMPORAR
             delete(path)
             removed.append(path)
     return removed
+
+
+def _remove_dead_local_temporaries(final: str) -> list[str]:
+    folder, name = os.path.split(os.path.abspath(final))
+    prefix = f".{name}{TEMP_MARK}"
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        pid = entry[len(prefix):].split("-", 1)[0] if entry.startswith(prefix) else ""
+        if pid.isdigit() and not _process_alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, entry))
+                removed.append(os.path.join(folder, entry))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def write_bytes(path: str, data: bytes) -> None:

@@ -85,3 +85,50 @@ def test_damaged_shards_are_redone(long_warehouse, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "to_do=3" in proc.stderr
     assert _content(root) == reference
+
+
+def test_leftovers_of_killed_runs_are_cleaned(warehouse, extracted, tmp_path):
+    """A killed local merge leaves its temporary (a SIGKILL skips every finally): the
+    next merge to that output removes it when its process is gone, never a live one's.
+    An extract run leaves no scratch folder behind."""
+    out = tmp_path / "out" / "training_eurusd.parquet"
+    out.parent.mkdir()
+    dead = out.parent / f".{out.name}{storage.TEMP_MARK}999999999-0123456789ab"
+    live = out.parent / f".{out.name}{storage.TEMP_MARK}{os.getpid()}-0123456789ab"
+    dead.write_bytes(b"half a file")
+    live.write_bytes(b"someone is writing this")
+    proc = run_module("pipelines.merge", "--pair", PAIR, "--checkpoint-root", extracted,
+                      "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert not dead.exists() and live.exists()
+    assert f"removed {dead}" in proc.stderr
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = run_module("pipelines.extract", *_extract_args(warehouse, str(tmp_path / "ck")),
+                      env={"TMPDIR": str(scratch)})
+    assert proc.returncode == 0, proc.stderr
+    assert not [p for p in os.listdir(scratch) if p.startswith("bqx-")]
+
+
+def test_report_is_written_before_the_file_is_published(extracted, tmp_path):
+    """A merge killed right after publishing its file must not leave the file without
+    its report: the report is in place before the file appears."""
+    import threading
+
+    out = tmp_path / "training_eurusd.parquet"
+    report = tmp_path / "training_eurusd.validation.json"
+    seen = []
+
+    def watch():
+        while not out.exists():
+            time.sleep(0.001)
+        seen.append(report.exists())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    proc = run_module("pipelines.merge", "--pair", PAIR, "--checkpoint-root", extracted,
+                      "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    watcher.join(10)
+    assert seen == [True]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 
 import apache_beam as beam
@@ -131,6 +132,15 @@ def _run_beam(options: PipelineOptions, plan: ExtractionPlan, todo: list, source
     fail_log = None
     if local_runner:
         fail_log = storage.join(storage.temp_dir("bqx-extract-"), "failures.txt")
+    try:
+        return _run_and_collect(options, plan, todo, source_url, runner, fail_log)
+    finally:
+        if fail_log:
+            shutil.rmtree(os.path.dirname(fail_log), ignore_errors=True)
+
+
+def _run_and_collect(options: PipelineOptions, plan: ExtractionPlan, todo: list, source_url: str,
+                     runner: str, fail_log: str | None) -> list[str]:
     workers = options.view_as(DirectOptions).direct_num_workers
     with cli.stage("extract", runner=runner, workers=workers, tasks=len(todo)):
         p = beam.Pipeline(options=options)

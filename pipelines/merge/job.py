@@ -148,26 +148,33 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
     try:
         with cli.stage("merge", method=method, columns=len(schema), spine_rows=spine_total,
                        row_group_rows=row_group_rows) as out:
+            for stale in storage.remove_stale_temporaries(output):
+                log.warning("removed %s, left behind by an earlier run", stale)
             if storage.is_gcs(output):
-                for stale in storage.remove_stale_temporaries(output):
-                    log.warning("removed %s, left behind by an earlier run", stale)
                 with storage.atomic_gcs_object(output, overwrite=overwrite) as staged:
                     log.info("[merge] streaming to %s", staged.path)
                     with staged.open_write() as sink:
                         written = _merge_row_groups(manifest, specs, schema, sink, joiner_cls,
                                                     row_group_rows, memory_budget, scratch)
                     report = validated(staged.path, written)
+                    _write_report(report, output)
             else:
                 with storage.atomic_local_path(output) as tmp:
                     written = _merge_row_groups(manifest, specs, schema, tmp, joiner_cls,
                                                 row_group_rows, memory_budget, scratch)
                     report = validated(tmp, written)
+                    _write_report(report, output)
             out.update(output=output, rows=spine_total)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    return report
+
+
+def _write_report(report, output: str) -> None:
+    """Write the report beside ``output`` before the file is published there: a run
+    killed after publishing must not leave a file without its report."""
     report.path = output
     report.write_json(default_report_path(output))
-    return report
 
 
 @dataclasses.dataclass
