@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     p.add_argument("--pair", default="eurusd")
     p.add_argument("--work", default=None)
     p.add_argument("--cap-seconds", type=float, default=3600)
+    p.add_argument("--running-mode", default="multi_threading",
+                   choices=("multi_threading", "multi_processing", "in_memory"),
+                   help="the DirectRunner's --direct_running_mode for the extract runs")
     args = p.parse_args(argv)
     from bench.merge import _isolated
     from pipelines.sample import build_warehouse
@@ -72,6 +75,7 @@ def main(argv=None) -> int:
             started = time.monotonic()
             build_warehouse(warehouse, [args.pair], rows=args.rows, seed=0)
             print(f"sample warehouse: {args.rows} rows, {time.monotonic() - started:.0f} s")
+        print(f"extract runs: DirectRunner, {args.running_mode}")
         print(f"{'run':>24} {'wall s':>8} {'peak RSS GiB':>13} {'x copy loop':>12}  result", flush=True)
         for workers in [int(w) for w in args.workers.split(",")]:
             out = os.path.join(work, f"copy{workers}")
@@ -83,7 +87,8 @@ def main(argv=None) -> int:
             ck = os.path.join(work, f"ck{workers}")
             run = _isolated([sys.executable, "-m", "pipelines.extract", "--pair", args.pair,
                              "--source", f"duckdb://{warehouse}", "--checkpoint-root", ck,
-                             f"--direct_num_workers={workers}"], args.cap_seconds, 1 << 40)
+                             f"--direct_num_workers={workers}",
+                             f"--direct_running_mode={args.running_mode}"], args.cap_seconds, 1 << 40)
             ratio = run["wall"] / base["wall"] if base["wall"] else float("nan")
             print(f"{f'extract, {workers} workers':>24} {run['wall']:>8.1f} {run['rss'] / 2**30:>13.2f} "
                   f"{ratio:>12.2f}  {'ok' if run['code'] == 0 else run['error']}", flush=True)
