@@ -89,10 +89,13 @@ def test_columns_out_of_order_or_short_row_groups_are_refused():
 
 def test_row_group_rows_shapes_the_file_not_its_content(extracted, tmp_path):
     """One day per row group (the test pair spans two days) or one row group in all,
-    and a budget that forces one table per column batch: the same rows either way."""
+    and a budget that forces one table per column batch (with either join): the same
+    rows either way."""
     outputs = {}
     for name, args in {"one": [], "daily": ["--row-group-rows", "1440"],
-                       "tiny_batches": ["--memory-budget", "401MiB"]}.items():
+                       "tiny_batches": ["--memory-budget", "401MiB"],
+                       "tiny_batches_duckdb": ["--memory-budget", "401MiB", "--method", "duckdb"],
+                       }.items():
         out = str(tmp_path / f"{name}.parquet")
         proc = run_module("pipelines.merge", "--pair", "eurusd", "--checkpoint-root", extracted,
                           "--output", out, *args)
@@ -102,7 +105,7 @@ def test_row_group_rows_shapes_the_file_not_its_content(extracted, tmp_path):
     assert outputs["daily"].num_row_groups == 2
     assert "column batches each" in proc.stderr
     reference = outputs["one"].read()
-    for name in ("daily", "tiny_batches"):
+    for name in ("daily", "tiny_batches", "tiny_batches_duckdb"):
         assert outputs[name].read().equals(reference), name
 
 

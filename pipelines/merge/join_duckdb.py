@@ -7,7 +7,6 @@ spine's rows in the spine's order).
 """
 from __future__ import annotations
 
-import itertools
 from typing import Iterable
 
 import pyarrow as pa
@@ -32,7 +31,8 @@ class DuckDBJoin:
         self.con = duckdb.connect()
         self.con.execute("SET TimeZone = 'UTC'")
         # DuckDB's share of the budget: the joined window itself lives in Arrow memory.
-        self.con.execute(f"SET memory_limit = '{max(memory_budget // 4, 64 << 20)}B'")
+        self.memory_limit = max(memory_budget // 4, 64 << 20)
+        self.con.execute(f"SET memory_limit = '{self.memory_limit}B'")
         self.con.execute("SET threads = 1")
         self.con.execute("SET allocator_flush_threshold = '16MB'")
         self.con.execute("SET temp_directory = ?", [temp_dir])
@@ -40,7 +40,8 @@ class DuckDBJoin:
         self._queries: dict[tuple[int, int], str] = {}
 
     def _query(self, first: int, parts: list[pa.Table]) -> str:
-        cache_key = (first, len(parts))
+        # Keyed by the tables' columns: each column batch of a row group joins other tables.
+        cache_key = (first, tuple(tuple(p.schema.names) for p in parts))
         if cache_key not in self._queries:
             key = quote_all([self.key], "duckdb")[0]
             select, joins = [], []
@@ -58,16 +59,15 @@ class DuckDBJoin:
         column types are DuckDB's (the writer casts to the training schema)."""
         self.con.register("spine_keys", spine.select([self.key]))
         columns, names = list(spine.columns), list(spine.schema.names)
-        parts = iter(parts)
         first = 0
-        while batch := list(itertools.islice(parts, TABLES_PER_QUERY)):
+        for batch in self._queries_of(parts):
             for i, part in enumerate(batch):
                 self.con.register(f"t{first + i}", part)
             result = self.con.execute(self._query(first, batch)).to_arrow_table()
             if result.num_rows != spine.num_rows:
                 raise AssertionError("a LEFT JOIN on unique keys changed the row count")
             # Compact copies: DuckDB hands back vector-sized chunks whose buffers would
-            # otherwise stay alive, several per column, until the window is written.
+            # otherwise stay alive, several per column, until the batch is written.
             columns.extend(c.combine_chunks() for c in result.columns)
             names.extend(result.schema.names)
             del result
@@ -76,6 +76,21 @@ class DuckDBJoin:
             first += len(batch)
         self.con.unregister("spine_keys")
         return pa.Table.from_arrays(columns, names=names)
+
+    def _queries_of(self, parts: Iterable[pa.Table]) -> Iterable[list[pa.Table]]:
+        """Consecutive tables, at most TABLES_PER_QUERY and ~a third of DuckDB's memory
+        limit per query (its inputs, hash tables and result): at 100,000 rows 8 tables
+        ran out of a 384 MiB limit."""
+        batch: list[pa.Table] = []
+        size = 0
+        for part in parts:
+            if batch and (len(batch) == TABLES_PER_QUERY or size + part.nbytes > self.memory_limit / 3):
+                yield batch
+                batch, size = [], 0
+            batch.append(part)
+            size += part.nbytes
+        if batch:
+            yield batch
 
     def close(self) -> None:
         """Close the connection."""
