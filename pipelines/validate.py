@@ -486,6 +486,14 @@ def validate_file(path: str | os.PathLike, expected: dict | None = None,
         return validate_training_set(path, expected, columns_per_batch)
     report = Report(path=path)
     report.file_bytes, report.footer_bytes = _check_parquet_file(path)
+    with _open_parquet(path) as pf:
+        return _validate_parquet(pf, path, report, expected, columns_per_batch, counted)
+
+
+@contextlib.contextmanager
+def _open_parquet(path: str):
+    """A ParquetFile of the local or ``gs://`` file ``path``; a PipelineError if its
+    footer cannot be read."""
     source = None
     try:
         if _is_gcs(path):
@@ -502,10 +510,9 @@ def validate_file(path: str | os.PathLike, expected: dict | None = None,
             source.close()
         raise PipelineError(f"{path}: cannot read parquet footer: {_first_line(e)}") from None
     try:
-        return _validate_parquet(pf, path, report, expected, columns_per_batch, counted)
+        yield pf
     finally:
-        if source is not None:
-            pf.close(force=True)
+        pf.close(force=True)
 
 
 def _validate_parquet(pf: pq.ParquetFile, path: str, report: Report, expected: dict,
@@ -1154,23 +1161,8 @@ def _opened(path: str):
         raise PipelineError(f"{path}: --compare takes two parquet files, not a training "
                             "set in parts")
     _check_parquet_file(path)
-    source = None
-    try:
-        if _is_gcs(path):
-            from pipelines import storage
-
-            source = storage.open_input(path)
-            pf = pq.ParquetFile(source, pre_buffer=True)
-        else:
-            pf = pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as e:
-        if source is not None:
-            source.close()
-        raise PipelineError(f"{path}: cannot read parquet footer: {_first_line(e)}") from None
-    try:
+    with _open_parquet(path) as pf:
         yield pf
-    finally:
-        pf.close(force=True)
 
 
 def _schema_difference(sa: pa.Schema, sb: pa.Schema) -> str | None:
