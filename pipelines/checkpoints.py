@@ -467,12 +467,12 @@ def verify_checkpoints(manifest: Manifest, check_content: bool = True) -> list[s
     for entry in manifest.tables:
         expected = output_schema(spec_from_json(entry), manifest.key)
         for shard, path in zip(entry["shards"], manifest.shard_files(entry)):
-            problems.extend(_verify_shard(path, shard, expected, check_content, listed_in))
+            problems.extend(verify_shard(path, shard, expected, check_content, listed_in))
     return problems
 
 
-def _verify_shard(path: str, shard: dict[str, Any], expected: pa.Schema,
-                  check_content: bool, listed_in: str | None = None) -> Iterable[str]:
+def verify_shard(path: str, shard: dict[str, Any], expected: pa.Schema,
+                 check_content: bool, listed_in: str | None = None) -> Iterable[str]:
     """Problems of one shard against ``shard`` (its commit record, or its manifest entry
     when ``listed_in`` names the manifest)."""
     if not storage.exists(path):

@@ -28,7 +28,7 @@ def check_task(task: checkpoints.ShardTask, key: str) -> tuple[dict | None, list
     if record.get("fingerprint") != task.fingerprint:
         return None, [f"{task.label}: checkpoint is from another query or schema"]
     expected = checkpoints.output_schema(task.spec, key)
-    problems = list(checkpoints._verify_shard(task.path, record, expected, check_content=True))
+    problems = list(checkpoints.verify_shard(task.path, record, expected, check_content=True))
     if not problems and record["rows"] != record["source_keys"]:
         problems.append(
             f"{task.label}: checkpoint has {record['rows']} rows but the source has "

@@ -90,7 +90,7 @@ class ShardCursor:
         """The one line describing a shard whose bytes are not the recorded ones."""
         from pipelines import checkpoints
 
-        problems = list(checkpoints._verify_shard(path, entry, self.schema, True, self._manifest_path))
+        problems = list(checkpoints.verify_shard(path, entry, self.schema, True, self._manifest_path))
         if problems:
             return problems[0]
         return (f"checkpoint {path} of {self.label} changed while it was read "
