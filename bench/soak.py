@@ -885,21 +885,15 @@ def reference_run(setup: Setup, place, label: str) -> tuple[Reference, dict[str,
 def gcs_emulator(workdir: str):
     """Start the GCS emulator the way the tests do; point this process at it."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from emulator_procs import PROJECT, gcs_emulator_process
+    from emulator_procs import PROJECT, environ, gcs_emulator_process
 
     data = os.path.join(workdir, "gcs")
     shutil.rmtree(data, ignore_errors=True)
     with gcs_emulator_process(data) as emulator:
-        old = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT")}
-        os.environ.update(STORAGE_EMULATOR_HOST=emulator["host"], GOOGLE_CLOUD_PROJECT=PROJECT)
         try:
-            yield emulator
+            with environ(STORAGE_EMULATOR_HOST=emulator["host"], GOOGLE_CLOUD_PROJECT=PROJECT):
+                yield emulator
         finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
             shutil.rmtree(data, ignore_errors=True)
 
 

@@ -86,3 +86,18 @@ def gcs_emulator_process(data_dir: str, bucket: str = BUCKET) -> Iterator[dict]:
                "objects_dir": os.path.join(data_dir, ".cloudstorage")}
     finally:
         stop(proc)
+
+
+@contextlib.contextmanager
+def environ(**values: str) -> Iterator[None]:
+    """Set environment variables for this process (and its children) for the block."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

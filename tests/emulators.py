@@ -7,7 +7,6 @@ anonymous credentials, and Beam is told ``--no_auth`` so it does not wait for a 
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 
 # Starting the GCS emulator's process lives in emulator_procs.py, shared with the soak
 # (python -m bench.soak), which runs without pytest.
-from emulator_procs import BUCKET, PROJECT, free_port, gcs_emulator_process
+from emulator_procs import BUCKET, PROJECT, environ, free_port, gcs_emulator_process
 from emulator_procs import stop as _stop
 from emulator_procs import wait_http as _wait_http
 
@@ -33,7 +32,7 @@ def gcs_emulator(tmp_path_factory):
     """
     data = tmp_path_factory.mktemp("gcs")
     with gcs_emulator_process(str(data), BUCKET) as emulator:
-        with _env(STORAGE_EMULATOR_HOST=emulator["host"], GOOGLE_CLOUD_PROJECT=PROJECT):
+        with environ(STORAGE_EMULATOR_HOST=emulator["host"], GOOGLE_CLOUD_PROJECT=PROJECT):
             yield emulator
 
 
@@ -58,24 +57,10 @@ def bq_emulator(tmp_path_factory, gcs_emulator):
     endpoint = f"http://127.0.0.1:{rest}"
     try:
         _wait_http(f"{endpoint}/healthz", proc, log)
-        with _env(BQX_BIGQUERY_ENDPOINT=endpoint, BQX_BIGQUERY_GRPC=f"127.0.0.1:{grpc}"):
+        with environ(BQX_BIGQUERY_ENDPOINT=endpoint, BQX_BIGQUERY_GRPC=f"127.0.0.1:{grpc}"):
             yield {"endpoint": endpoint, "grpc": f"127.0.0.1:{grpc}", "project": PROJECT}
     finally:
         _stop(proc)
-
-
-@contextlib.contextmanager
-def _env(**values):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def clear_dir(path: str) -> None:

@@ -96,8 +96,8 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
     in-memory disk of a Cloud Run job) is streamed to ``{output}.tmp-{uuid}`` in the
     same bucket, validated there, and copied to ``output`` server-side
     (:func:`pipelines.storage.atomic_gcs_object`); the temporary is deleted in every
-    case, and leftovers of killed runs older than a day are deleted before the next
-    merge to the same output.
+    case. Leftovers of killed runs are deleted by the next merge to the same output
+    (:func:`pipelines.storage.remove_stale_temporaries`).
     """
     joiner_cls = joiner_class(method)
     if not storage.is_gcs(output) and os.path.isdir(output):
