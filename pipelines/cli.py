@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import threading
@@ -66,6 +67,41 @@ def env_default(name: str, fallback=None):
     """The value of environment variable ``name`` if set and non-empty, else ``fallback``."""
     value = os.environ.get(name)
     return value if value else fallback
+
+
+def env_number(name: str, default, kind: type = float, *, minimum=None, above=None,
+               maximum=None, unit: str = ""):
+    """The number in environment variable ``name`` (``kind``: ``int`` or ``float``), or
+    ``default`` when it is unset or empty (``default`` itself is not checked).
+
+    Bounds: ``minimum`` and ``maximum`` are inclusive, ``above`` is exclusive. ``unit``
+    (e.g. ``"seconds"``) only words the error. A value that is not a finite number of
+    that kind, or out of bounds, raises a :class:`PipelineError` naming the variable and
+    the value: ``BQX_RETRY_SECONDS='abc' is not a number of seconds``,
+    ``BQX_RETRY_SECONDS=0 must be more than 0 seconds``.
+    """
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    of_unit = f" {unit}" if unit else ""
+    try:
+        value = kind(raw)
+        if not math.isfinite(value):
+            raise ValueError(raw)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise PipelineError(f"{name}={raw!r} is not {what}{' of' if unit else ''}{of_unit}") from None
+    if minimum is not None and maximum is not None and not minimum <= value <= maximum:
+        rule = f"between {minimum} and {maximum}{of_unit}"
+    elif above is not None and not value > above:
+        rule = f"more than {above}{of_unit}"
+    elif minimum is not None and not value >= minimum:
+        rule = f"at least {minimum}{of_unit}"
+    elif maximum is not None and not value <= maximum:
+        rule = f"at most {maximum}{of_unit}"
+    else:
+        return value
+    raise PipelineError(f"{name}={raw.strip()} must be {rule}")
 
 
 class Progress:

@@ -40,6 +40,7 @@ from typing import Iterable, Iterator
 
 import google_crc32c
 
+from pipelines import cli
 from pipelines.errors import PipelineError
 
 _CHUNK = 4 << 20
@@ -75,23 +76,11 @@ def retry_timing() -> RetryTiming:
     outage fails the job (which resumes where it stopped) instead of hanging it; tests
     shorten it. ``$BQX_RETRY_INITIAL_SECONDS`` (default 1): the first back-off.
     """
-    deadline = _env_seconds(RETRY_SECONDS_ENV, DEFAULT_RETRY_SECONDS)
-    initial = min(_env_seconds(RETRY_INITIAL_ENV, DEFAULT_RETRY_INITIAL), deadline)
+    deadline = cli.env_number(RETRY_SECONDS_ENV, DEFAULT_RETRY_SECONDS, above=0, unit="seconds")
+    initial = min(cli.env_number(RETRY_INITIAL_ENV, DEFAULT_RETRY_INITIAL, above=0, unit="seconds"),
+                  deadline)
     return RetryTiming(initial, max(initial, min(RETRY_MAXIMUM, deadline / 4)),
                        RETRY_MULTIPLIER, deadline)
-
-
-def _env_seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise PipelineError(f"{name}={raw!r} is not a number of seconds") from None
-    if not value > 0:
-        raise PipelineError(f"{name}={raw} must be more than 0 seconds")
-    return value
 
 
 def is_gcs(path: str) -> bool:
@@ -172,7 +161,8 @@ def _arrow_gcs(emulator: str | None, pid: int):
 
     # google-cloud-cpp under pyarrow retries transient errors by itself until this limit
     # (its back-off is its own); BQX_GCS_READ_RETRY_SECONDS overrides it for reads only.
-    seconds = _env_seconds("BQX_GCS_READ_RETRY_SECONDS", retry_timing().deadline)
+    seconds = cli.env_number("BQX_GCS_READ_RETRY_SECONDS", retry_timing().deadline, above=0,
+                             unit="seconds")
     retry = dt.timedelta(seconds=seconds)
     if emulator:
         scheme, _, host = emulator.rpartition("://")

@@ -29,9 +29,9 @@ def ck(extracted, tmp_path):
     return root
 
 
-def _merge(root, out, *extra):
+def _merge(root, out, *extra, env=None):
     return run_module("pipelines.merge", "--pair", PAIR, "--checkpoint-root", root,
-                      "--output", out, *extra)
+                      "--output", out, *extra, env=env)
 
 
 @pytest.mark.parametrize("pair, expected", [
@@ -187,8 +187,49 @@ def test_merge_does_not_overwrite_without_flag(extracted, tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (["--method", "pandas"], "unknown merge method 'pandas'"),
     (["--memory-budget", "lots"], "--memory-budget 'lots'"),
+    (["--row-group-rows", "0"], "--row-group-rows must be at least 1, not 0"),
 ])
 def test_merge_bad_options(extracted, tmp_path, args, expected):
     proc = _merge(extracted, str(tmp_path / "o.parquet"), *args)
     assert proc.returncode == 2
     assert expected in _error_line(proc)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("0", "ROW_GROUP_ROWS=0 must be at least 1"),
+    ("abc", "ROW_GROUP_ROWS='abc' is not a whole number"),
+])
+def test_merge_bad_row_group_rows_environment(extracted, tmp_path, value, expected):
+    proc = _merge(extracted, str(tmp_path / "o.parquet"), env={"ROW_GROUP_ROWS": value})
+    assert proc.returncode == 2
+    assert expected in _error_line(proc)
+    assert os.listdir(tmp_path) == []
+
+
+# Retry settings are read when the first gs:// call is prepared, before any request: an
+# emulator address where nothing listens is never contacted.
+NO_GCS = {"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"}
+BAD_RETRY = [
+    ({"BQX_RETRY_SECONDS": "0"}, "BQX_RETRY_SECONDS=0 must be more than 0 seconds"),
+    ({"BQX_RETRY_SECONDS": "abc"}, "BQX_RETRY_SECONDS='abc' is not a number of seconds"),
+    ({"BQX_RETRY_INITIAL_SECONDS": "-1"}, "BQX_RETRY_INITIAL_SECONDS=-1 must be more than 0 seconds"),
+]
+
+
+@pytest.mark.parametrize("env, expected", BAD_RETRY)
+def test_merge_bad_retry_settings(tmp_path, env, expected):
+    proc = _merge("gs://bqx-nowhere/ck", str(tmp_path / "o.parquet"), env={**NO_GCS, **env})
+    assert proc.returncode == 2
+    assert _error_line(proc) == f"error: {expected}"
+    assert os.listdir(tmp_path) == []
+
+
+def test_extract_bad_retry_settings(warehouse, tmp_path):
+    env, expected = BAD_RETRY[1]
+    proc = run_module("pipelines.extract", "--pair", PAIR, "--source", f"duckdb://{warehouse}",
+                      "--checkpoint-root", "gs://bqx-nowhere/ck", env={**NO_GCS, **env},
+                      timeout=120)
+    assert proc.returncode == 2
+    assert _error_line(proc) == f"error: {expected}"
+    assert os.listdir(tmp_path) == []

@@ -418,22 +418,6 @@ class Plan:
         return sum(len(p.tables) for p in self.parts) * MIN_BILLED_BYTES_PER_TABLE
 
 
-def _env_limit(name: str, default: int, low: int, high: int | None = None) -> int:
-    """A limit from ``$name`` (to make smaller parts), never above ``default``'s ceiling
-    (``BQX_MERGE_MAX_COLUMNS`` <= 10,000; ``BQX_MERGE_MAX_TABLES`` <= 1,000)."""
-    high = high or default
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise PipelineError(f"{name}={raw!r} is not a number") from None
-    if not low <= value <= high:
-        raise PipelineError(f"{name}={value} must be between {low} and {high}")
-    return value
-
-
 def make_plan(manifest: Manifest, output: str, staging: str, dataset: str,
               project: str | None) -> Plan:
     """Check the inputs and split the columns; touches nothing."""
@@ -453,9 +437,12 @@ def make_plan(manifest: Manifest, output: str, staging: str, dataset: str,
     specs = manifest.specs()
     if specs[0].group != "targets":
         raise PipelineError(f"manifest of {manifest.pair}: the first table is not the targets")
-    parts = split_parts(specs, manifest.key, max_columns=_env_limit("BQX_MERGE_MAX_COLUMNS", MAX_COLUMNS, 2),
-                        max_tables=_env_limit("BQX_MERGE_MAX_TABLES", MAX_TABLES_PER_QUERY, 2,
-                                              BIGQUERY_MAX_TABLES))
+    # Smaller parts on request, never beyond BigQuery's limits.
+    max_columns = cli.env_number("BQX_MERGE_MAX_COLUMNS", MAX_COLUMNS, int, minimum=2,
+                                 maximum=MAX_COLUMNS)
+    max_tables = cli.env_number("BQX_MERGE_MAX_TABLES", MAX_TABLES_PER_QUERY, int, minimum=2,
+                                maximum=BIGQUERY_MAX_TABLES)
+    parts = split_parts(specs, manifest.key, max_columns=max_columns, max_tables=max_tables)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d%H%M%S") + uuid.uuid4().hex[:6]
     return Plan(manifest, specs, parts, project, dataset, run_id, staging,
                 training_prefix(output, manifest.pair))

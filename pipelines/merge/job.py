@@ -310,8 +310,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--end-date", default=cli.env_default("END_DATE"))
     p.add_argument("--catalog", default=cli.env_default("BQX_CATALOG"), help="catalog TOML file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--row-group-rows", type=int,
-                   default=int(cli.env_default("ROW_GROUP_ROWS", budgets.ROW_GROUP_ROWS)),
+    p.add_argument("--row-group-rows", type=int, default=None,
                    help=f"rows per row group of the training file: whole checkpoint shards up to this "
                         f"[ROW_GROUP_ROWS] (default {budgets.ROW_GROUP_ROWS})")
     p.add_argument("--dry-run", action="store_true",
@@ -339,7 +338,9 @@ def run(argv: list[str] | None = None) -> int:
     if args.method != "bigquery" and args.dry_run:
         raise PipelineError("--dry-run is only for --method bigquery")
     memory_budget = budgets.parse_size(args.memory_budget)
-    if args.row_group_rows < 1:
+    if args.row_group_rows is None:
+        args.row_group_rows = cli.env_number("ROW_GROUP_ROWS", budgets.ROW_GROUP_ROWS, int, minimum=1)
+    elif args.row_group_rows < 1:
         raise PipelineError(f"--row-group-rows must be at least 1, not {args.row_group_rows}")
     root = storage.resolve_local(args.checkpoint_root or checkpoints.default_checkpoint_root())
     if args.method == "bigquery":
