@@ -136,9 +136,12 @@ def main(argv=None) -> int:
                 results.append(r)
                 print(_row(r), flush=True)
                 if run in METHODS and r["code"] == 0:
-                    from bench.read import describe, measure
+                    from bench.read import describe, describe_size, measure, polars_size
                     r["read"] = measure(out)
                     print(f"{'':>16} {describe(r['read'])}", flush=True)
+                    if run == METHODS[0]:  # the methods write the same bytes (tests/test_determinism.py)
+                        r["size"] = polars_size(out)
+                        print(f"{'':>16} {describe_size(r['size'])}", flush=True)
                 if os.path.exists(out):
                     os.unlink(out)
             if not args.keep:
@@ -185,8 +188,10 @@ def write_report(path: str, results: list[dict], machine: str, command: str) -> 
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         for r in (r for r in results if r["rows"] == rows and r.get("read")):
-            from bench.read import describe
+            from bench.read import describe, describe_size
             lines.append(f"- `{r['run']}` output: {describe(r['read'])}.")
+            if r.get("size"):
+                lines.append(f"- `{r['run']}` output size: {describe_size(r['size'])}.")
         lines.append("")
     chart = os.path.splitext(path)[0] + ".png"
     if _chart(chart, results):

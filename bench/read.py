@@ -4,7 +4,10 @@ Times reading ``--columns`` named feature columns (spread evenly over the file, 
 key) with pyarrow, Polars and DuckDB, each in a fresh process so that no reader profits
 from another's parsed footer. Prints the footer size and row groups too: with ~17,000
 columns the footer, which every reader parses whole, is what makes a wide file slow to
-open. ``bench.merge`` runs this on the merge's output.
+open. With ``--polars-size`` it also re-encodes the file's columns with Polars' writer
+(its defaults), a batch of columns at a time so that memory stays bounded at any row
+count, and compares the column data: is the file larger than Polars would write the
+same frame? ``bench.merge`` runs this on the merge's output.
 """
 from __future__ import annotations
 
@@ -70,6 +73,38 @@ def measure(path: str, n: int = 50) -> dict:
     return result
 
 
+def column_bytes(metadata) -> int:
+    """Compressed bytes of every column chunk of a parquet file's metadata."""
+    return sum(metadata.row_group(g).column(c).total_compressed_size
+               for g in range(metadata.num_row_groups) for c in range(metadata.num_columns))
+
+
+def polars_size(path: str, columns_per_batch: int = 1000) -> dict:
+    """Column-chunk bytes of ``path`` against those of Polars' writer (defaults) for the
+    same columns and rows, written ``columns_per_batch`` columns at a time."""
+    import io
+
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    theirs = 0
+    for first in range(0, len(names), columns_per_batch):
+        frame = pl.read_parquet(path, columns=names[first:first + columns_per_batch])
+        sink = io.BytesIO()
+        frame.write_parquet(sink)
+        del frame
+        theirs += column_bytes(pq.ParquetFile(io.BytesIO(sink.getvalue())).metadata)
+    return {"ours": column_bytes(pf.metadata), "polars": theirs}
+
+
+def describe_size(s: dict) -> str:
+    """One line of :func:`polars_size`'s figures."""
+    return (f"column data {s['ours']:,} bytes; Polars' writer makes {s['polars']:,} bytes "
+            f"of the same columns (ours is {100 * (s['ours'] / s['polars'] - 1):+.2f}%)")
+
+
 def describe(m: dict) -> str:
     """One line of :func:`measure`'s figures."""
     times = ", ".join(f"{r} {m[r]:.2f} s" if m[r] is not None else f"{r} failed" for r in READERS)
@@ -83,9 +118,14 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file")
     p.add_argument("--columns", type=int, default=50)
+    p.add_argument("--polars-size", action="store_true",
+                   help="also compare the column data with Polars' writer's for the same frame")
     args = p.parse_args(argv)
     m = measure(args.file, args.columns)
     print(describe(m))
+    if args.polars_size:
+        m["size"] = polars_size(args.file)
+        print(describe_size(m["size"]))
     print(json.dumps(m))
     return 0
 
