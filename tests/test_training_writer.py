@@ -30,9 +30,9 @@ def _table(rows: int = 1000, seed: int = 1) -> pa.Table:
     return pa.table(cols)
 
 
-def _assembled(table: pa.Table, groups, batches) -> bytes:
+def _assembled(table: pa.Table, groups, batches, threads: int | None = None) -> bytes:
     sink = io.BytesIO()
-    writer = TrainingFileWriter(sink, table.schema, {"pair": "eurusd"})
+    writer = TrainingFileWriter(sink, table.schema, {"pair": "eurusd"}, threads=threads)
     for lo, hi in groups:
         writer.begin_row_group(hi - lo)
         for a, b in batches:
@@ -51,10 +51,12 @@ def _pyarrow_reference(table: pa.Table, groups) -> bytes:
     return sink.getvalue()
 
 
-def test_assembled_file_is_byte_identical_to_pyarrows(tmp_path):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_assembled_file_is_byte_identical_to_pyarrows(tmp_path, threads):
+    """Batches encoded whole (1 thread) or cut into pieces encoded at once (3)."""
     table = _table()
     groups = [(0, 600), (600, 1000)]
-    data = _assembled(table, groups, [(0, 5), (5, 30), (30, table.num_columns)])
+    data = _assembled(table, groups, [(0, 5), (5, 30), (30, table.num_columns)], threads)
     assert data == _pyarrow_reference(table, groups)
     path = tmp_path / "t.parquet"
     path.write_bytes(data)

@@ -9,10 +9,17 @@ time: pyarrow encodes the batch as a one-row-group parquet file in memory, its c
 chunks are appended to the output as they are, and its footer entries, with their byte
 offsets moved, are kept for the file's footer. (pyarrow's own writer can only write a
 row group from one table holding all of its columns.)
+
+A column chunk's bytes depend only on its own column, so a batch can be cut into
+pieces of columns encoded on several threads (pyarrow releases the GIL while it
+compresses) and appended in order: the file is the same, and the encoded bytes alive
+are still one batch's.
 """
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 import google_crc32c
@@ -23,7 +30,9 @@ from pipelines.merge import thrift_compact as tc
 
 METADATA_KEY = b"bqx.training"
 OUTPUT_COMPRESSION = "zstd"
-OUTPUT_COMPRESSION_LEVEL = 1
+# Polars' default (zstd 3): the training file is no larger than Polars would write it.
+# Level 1 made it 6% larger on feature-like data and encoded ~1.5x faster.
+OUTPUT_COMPRESSION_LEVEL = 3
 MAGIC = b"PAR1"
 
 # Field ids of parquet.thrift that hold byte offsets into the file.
@@ -36,11 +45,13 @@ _FMD_SCHEMA, _FMD_ROWS, _FMD_ROW_GROUPS, _FMD_KV = 2, 3, 4, 5
 
 def _encoding_options(schema: pa.Schema, key: str) -> dict:
     """Statistics only on the key (they let readers skip row groups by time; on every
-    column they would make the footer several times larger), dictionary encoding only
-    for strings, no Arrow schema blob (parquet's own schema round-trips these types)."""
-    strings = [f.name for f in schema if pa.types.is_string(f.type)]
+    column they would make the footer several times larger), dictionary encoding for
+    all but floats (feature floats rarely repeat; integer features are mostly counts
+    and flags, 30% smaller with it, as Polars writes them), no Arrow schema blob
+    (parquet's own schema round-trips these types)."""
+    dictionary = [f.name for f in schema if not pa.types.is_floating(f.type) and f.name != key]
     return dict(compression=OUTPUT_COMPRESSION, compression_level=OUTPUT_COMPRESSION_LEVEL,
-                use_dictionary=strings or False,
+                use_dictionary=dictionary or False,
                 write_statistics=[key] if key in schema.names else False,
                 store_schema=False)
 
@@ -51,6 +62,33 @@ def encode_row_group(table: pa.Table, key: str) -> pa.Buffer:
     pq.write_table(table, sink, row_group_size=max(table.num_rows, 1),
                    **_encoding_options(table.schema, key))
     return sink.getvalue()
+
+
+def encoding_threads() -> int:
+    """Threads that encode a column batch: one per core, at most 4 (more pieces give
+    smaller zstd frames no gain)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _pieces(table: pa.Table, count: int) -> list[pa.Table]:
+    """``table`` cut into up to ``count`` runs of consecutive columns of similar size."""
+    if count <= 1 or table.num_columns < 2 * count:
+        return [table]
+    sizes = [column.nbytes for column in table.columns]
+    target = sum(sizes) / count
+    cuts, size = [0], 0
+    for i, n in enumerate(sizes):
+        size += n
+        if size >= target * len(cuts) and i + 1 < len(sizes) and len(cuts) < count:
+            cuts.append(i + 1)
+    cuts.append(len(sizes))
+    return [table.select(list(range(a, b))) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _encode_piece(table: pa.Table, key: str) -> tuple[pa.Buffer, dict, int]:
+    data = encode_row_group(table, key)
+    meta, footer_start = read_footer(data)
+    return data, meta, footer_start
 
 
 def read_footer(data: pa.Buffer) -> tuple[dict, int]:
@@ -75,11 +113,16 @@ class TrainingFileWriter:
     Call ``begin_row_group``, then ``write_columns`` with consecutive column batches of
     the schema (the first starts with the key), then ``end_row_group``; ``close`` writes
     the footer with the ``bqx.training`` metadata. Only one batch's encoded bytes are in
-    memory at a time.
+    memory at a time; ``threads`` encode pieces of a batch at once (default
+    :func:`encoding_threads`).
     """
 
-    def __init__(self, sink: str | BinaryIO, schema: pa.Schema, metadata: dict[str, Any]):
+    def __init__(self, sink: str | BinaryIO, schema: pa.Schema, metadata: dict[str, Any],
+                 threads: int | None = None):
         self.schema = schema
+        self._threads = threads or encoding_threads()
+        self._pool = (ThreadPoolExecutor(self._threads, thread_name_prefix="parquet-encode")
+                      if self._threads > 1 else None)
         self.key = schema.names[0]
         self._metadata = json.dumps(metadata, sort_keys=True).encode()
         self._owns_sink = isinstance(sink, str)
@@ -127,8 +170,18 @@ class TrainingFileWriter:
                              f"{self._next_column} of the training schema")
         if table.num_rows != group[_RG_ROWS][1]:
             raise ValueError(f"{table.num_rows} rows for a row group of {group[_RG_ROWS][1]}")
-        data = encode_row_group(table.cast(expected), self.key)
-        meta, footer_start = read_footer(data)
+        pieces = _pieces(table.cast(expected), self._threads)
+        if self._pool is None:
+            encoded = [_encode_piece(piece, self.key) for piece in pieces]
+        else:
+            encoded = list(self._pool.map(_encode_piece, pieces, [self.key] * len(pieces)))
+        del pieces
+        for data, meta, footer_start in encoded:
+            self._append(group, data, meta, footer_start)
+        self._next_column += table.num_columns
+
+    def _append(self, group: dict, data: pa.Buffer, meta: dict, footer_start: int) -> None:
+        """Append an encoded piece's column chunks to the open row group."""
         (piece,) = meta[_FMD_ROW_GROUPS][1][1]
         by = self._pos - len(MAGIC)  # the piece's bytes move from offset 4 to self._pos
         for chunk in piece[_RG_COLUMNS][1][1]:
@@ -141,7 +194,6 @@ class TrainingFileWriter:
             if fid in piece:
                 group[fid] = (tc.I64, group[fid][1] + piece[fid][1])
         self._emit(data.slice(len(MAGIC), footer_start - len(MAGIC)))
-        self._next_column += table.num_columns
 
     def end_row_group(self) -> None:
         """Close the open row group; every column must have been written."""
@@ -159,9 +211,14 @@ class TrainingFileWriter:
         self.write_columns(table)
         self.end_row_group()
 
+    def _stop_threads(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
     def discard(self) -> None:
         """Close a sink this writer opened, without a footer (after a failure; the
         caller removes the file). Harmless after :meth:`close`."""
+        self._stop_threads()
         if self._owns_sink and not self._out.closed:
             self._out.close()
 
@@ -169,6 +226,7 @@ class TrainingFileWriter:
         """Write the footer and close a sink this writer opened."""
         if self._group is not None:
             raise RuntimeError("close with a row group still open")
+        self._stop_threads()
         # The schema, column orders, version and writer name of an empty file of the
         # same schema: exactly what pyarrow would have written.
         template, _ = read_footer(encode_row_group(self.schema.empty_table(), self.key))
