@@ -218,7 +218,7 @@ def test_gs_output_is_not_staged_locally(gcs, tmp_path):
                             str(tmp_path / "local.log"))
     assert local["code"] == 0, open(local["log"]).read()[-3000:]
     size = os.path.getsize(local_out)
-    assert size > 300 << 20
+    assert size > 128 << 20  # well past the 64 MiB file-size limit below
 
     # No local file may grow past 64 MiB: a staged copy of the output would be killed.
     cloud = _measured_merge(["--pair", PAIR, "--checkpoint-root", root, "--output", gs_out],

@@ -50,21 +50,29 @@ def _usable(budget: int) -> int:
     return usable
 
 
+def pack(sizes: list[float], limit: float) -> list[int]:
+    """Cut consecutive items into runs whose sizes add up to at most ``limit`` (an item
+    larger than that is a run of its own); returns the item count of each run."""
+    runs: list[int] = []
+    total = 0.0
+    for size in sizes:
+        if runs and total + size <= limit:
+            runs[-1] += 1
+            total += size
+        else:
+            runs.append(1)
+            total = size
+    return runs
+
+
 def column_batches(table_row_bytes: list[int], rows: int, budget: int) -> list[list[int]]:
     """Group consecutive tables (by index) into column batches whose columns, for
     ``rows`` rows, fit the budget; a table larger than that is a batch of its own."""
-    limit = _usable(budget) / BATCH_COPIES
-    batches: list[list[int]] = []
-    size = 0.0
-    for i, per_row in enumerate(table_row_bytes):
-        cost = per_row * rows
-        if batches and size + cost <= limit:
-            batches[-1].append(i)
-            size += cost
-        else:
-            batches.append([i])
-            size = cost
-    return batches
+    counts = pack([per_row * rows for per_row in table_row_bytes], _usable(budget) / BATCH_COPIES)
+    bounds = [0]
+    for count in counts:
+        bounds.append(bounds[-1] + count)
+    return [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def validation_columns(rows: int, budget: int) -> int:

@@ -18,7 +18,7 @@ from pipelines import checkpoints, cli, storage
 from pipelines.checkpoints import Manifest
 from pipelines.errors import PipelineError
 from pipelines.merge import budget as budgets
-from pipelines.merge.reader import ShardCursor, plan_row_groups
+from pipelines.merge.reader import ShardCursor
 from pipelines.merge.writer import TrainingFileWriter
 from pipelines.validate import ColumnCounts, KeyDigest, default_report_path, validate_file
 from pipelines.window import window_from_options
@@ -123,15 +123,19 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
     def validated(path: str, written: Written):
         """Validate the merged file at ``path``; raise if it fails.
 
-        The bytes are checked to be the ones written (size; in a bucket also the CRC32C
-        GCS computed on receipt); the footer, key column and a sample of columns are read
-        back; NULL and infinity counts come from the arrays that were encoded."""
+        The bytes are checked to be the ones written: the size, and in a bucket the
+        CRC32C GCS computed on receipt (a local file would only be re-read for it); the
+        footer, key column and a sample of columns are read back; NULL and infinity
+        counts come from the arrays that were encoded."""
         with cli.stage("validate", path=output) as vout:
-            stored = (storage.size(path), storage.crc32c(path) if storage.is_gcs(path) else written.crc32c)
-            if stored != (written.nbytes, written.crc32c):
-                raise PipelineError(f"{path} holds {stored[0]} bytes with CRC32C {stored[1]}, "
-                                    f"the merge wrote {written.nbytes} with {written.crc32c}: "
-                                    "not published")
+            size = storage.size(path)
+            if size != written.nbytes:
+                raise PipelineError(f"{path} holds {size} bytes, the merge wrote "
+                                    f"{written.nbytes}: not published")
+            stored_crc = storage.crc32c(path) if storage.is_gcs(path) else written.crc32c
+            if stored_crc != written.crc32c:
+                raise PipelineError(f"{path} has CRC32C {stored_crc}, the merge wrote "
+                                    f"{written.crc32c}: not published")
             result = validate_file(path, expected={"spine_rows": spine_total,
                                                    "spine_digest": written.digest,
                                                    "pair": manifest.pair},
@@ -207,7 +211,8 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
         for s, entry in zip(specs, manifest.tables)
     ]
     shard_rows = [shard["rows"] for shard in manifest.targets["shards"]]
-    groups = plan_row_groups(shard_rows, row_group_rows)
+    # A row group is a run of whole shards: every table has the same shards.
+    groups = budgets.pack(shard_rows, row_group_rows)
     bounds = np.cumsum([0] + groups)
     largest = max((sum(shard_rows[a:b]) for a, b in zip(bounds[:-1], bounds[1:])), default=0)
     # Batch b of a row group joins the tables batches[b] (index 0 is the spine: key and

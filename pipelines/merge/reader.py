@@ -104,17 +104,3 @@ class ShardCursor:
             raise PipelineError(f"checkpoint {path} of {self.label} has keys out of order or repeated")
         self._last_key = int(keys[-1])
 
-
-def plan_row_groups(shard_rows: list[int], max_rows: int) -> list[int]:
-    """Group consecutive shards into row groups of at most ``max_rows`` rows (a shard
-    larger than that is a row group of its own); returns the shard count of each."""
-    groups: list[int] = []
-    rows = 0
-    for n in shard_rows:
-        if groups and rows + n <= max_rows:
-            groups[-1] += 1
-            rows += n
-        else:
-            groups.append(1)
-            rows = n
-    return groups
