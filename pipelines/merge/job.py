@@ -295,6 +295,20 @@ def _spine_keys(manifest: Manifest, spec) -> pa.Array:
     return pa.chunked_array(chunks, type=pa.timestamp("us", tz="UTC")).combine_chunks()
 
 
+def use_jemalloc() -> None:
+    """Make Arrow allocate from jemalloc when this pyarrow has it and the user did not
+    choose a pool (``ARROW_DEFAULT_MEMORY_POOL``). The merge frees a column batch's
+    buffers every second or so; mimalloc (pyarrow's default) kept more of them: peak RSS
+    0.82 / 1.16 GiB at 10,000 / 100,000 rows against 0.73 / 0.92 GiB with jemalloc, which
+    was also ~10% faster (full-width synthetic pair, 2 cores)."""
+    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+        return
+    try:
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
+    except NotImplementedError:  # a pyarrow built without jemalloc keeps its default
+        pass
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Options of ``python -m pipelines.merge``; each has an environment default."""
     p = argparse.ArgumentParser(prog="python -m pipelines.merge",
@@ -336,6 +350,7 @@ def run(argv: list[str] | None = None) -> int:
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cli.setup_logging(args.verbose)
+    use_jemalloc()
     catalog = load_catalog(args.catalog)
     pair = catalog.check_pair(args.pair_arg or args.pair)
     if args.method not in METHODS:
