@@ -3,7 +3,8 @@
 One SQL statement with hundreds of joins cannot even be planned in reasonable time, so
 each window is joined in batches of tables: every batch is one LEFT JOIN chain onto the
 spine's keys, ordered by key, and the batches are put side by side (they all have the
-spine's rows in the spine's order).
+spine's rows in the spine's order). A table whose keys are exactly the spine's needs no
+join and is put beside them as it is (as the Polars join does).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Iterable
 
 import pyarrow as pa
 
+from pipelines.merge.reader import has_keys, int_keys
 from pipelines.sql import quote_all
 
 # Long LEFT JOIN chains cost DuckDB memory superlinearly (48 tables of 5,760 rows ran
@@ -57,10 +59,15 @@ class DuckDBJoin:
     def join(self, spine: pa.Table, parts: Iterable[pa.Table]) -> pa.Table:
         """``spine`` (the key first) with every part's columns LEFT JOINed on the key;
         column types are DuckDB's (the writer casts to the training schema)."""
+        spine_keys = int_keys(spine.column(0))
         self.con.register("spine_keys", spine.select([self.key]))
         columns, names = list(spine.columns), list(spine.schema.names)
         first = 0
-        for batch in self._queries_of(parts):
+        for batch in self._queries_of(parts, spine_keys):
+            if isinstance(batch, pa.Table):  # already aligned with the spine
+                columns.extend(batch.columns[1:])
+                names.extend(batch.schema.names[1:])
+                continue
             for i, part in enumerate(batch):
                 self.con.register(f"t{first + i}", part)
             result = self.con.execute(self._query(first, batch)).to_arrow_table()
@@ -77,16 +84,22 @@ class DuckDBJoin:
         self.con.unregister("spine_keys")
         return pa.Table.from_arrays(columns, names=names)
 
-    def _queries_of(self, parts: Iterable[pa.Table]) -> Iterable[list[pa.Table]]:
-        """Consecutive tables, at most TABLES_PER_QUERY and ~a third of DuckDB's memory
-        limit per query (its inputs, hash tables and result): at 100,000 rows 8 tables
-        ran out of a 384 MiB limit."""
+    def _queries_of(self, parts: Iterable[pa.Table], spine_keys) -> Iterable[list[pa.Table] | pa.Table]:
+        """Consecutive tables to join, at most TABLES_PER_QUERY and ~a third of DuckDB's
+        memory limit per query (its inputs, hash tables and result: at 100,000 rows 8
+        tables ran out of a 384 MiB limit); a table aligned with the spine comes alone,
+        as itself, in its place."""
         batch: list[pa.Table] = []
         size = 0
         for part in parts:
-            if batch and (len(batch) == TABLES_PER_QUERY or size + part.nbytes > self.memory_limit / 3):
+            aligned = has_keys(part, spine_keys)
+            if batch and (aligned or len(batch) == TABLES_PER_QUERY
+                          or size + part.nbytes > self.memory_limit / 3):
                 yield batch
                 batch, size = [], 0
+            if aligned:
+                yield part
+                continue
             batch.append(part)
             size += part.nbytes
         if batch:

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipelines.merge.reader import int_keys
+from pipelines.merge.reader import has_keys, int_keys
 
 
 class PolarsJoin:
@@ -31,7 +30,7 @@ class PolarsJoin:
         columns, names = list(spine.columns), list(spine.schema.names)
         for part in parts:
             names.extend(part.schema.names[1:])
-            if part.num_rows == len(spine_keys) and np.array_equal(int_keys(part.column(0)), spine_keys):
+            if has_keys(part, spine_keys):
                 columns.extend(part.columns[1:])
                 continue
             joined = keys.join(pl.from_arrow(part), on=self.key, how="left",

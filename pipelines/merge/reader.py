@@ -32,6 +32,12 @@ def int_keys(array) -> np.ndarray:
     return array.cast(pa.int64()).to_numpy(zero_copy_only=False)
 
 
+def has_keys(part: pa.Table, keys: np.ndarray) -> bool:
+    """True when ``part``'s key column (its first) is exactly ``keys``: its rows are
+    then already the LEFT JOIN's result, with no join at all."""
+    return part.num_rows == len(keys) and np.array_equal(int_keys(part.column(0)), keys)
+
+
 class ShardCursor:
     """Hands out one table's rows, a number of whole shards at a time.
 
