@@ -106,6 +106,9 @@ class ShardTask:
     select_sql: str
     count_sql: str
     fingerprint: str
+    # Whether count_sql also counts the table's bad keys (its ``n_bad`` column): only
+    # the window's first shard does.
+    counts_bad_keys: bool = False
 
     @property
     def record_path(self) -> str:
@@ -133,26 +136,42 @@ def fingerprint(select_sql: str, count_sql: str, schema: pa.Schema, policy: str)
 
 
 def write_shard(table: pa.Table, path: str) -> tuple[int, str]:
-    """Write a checkpoint shard atomically; return its size and CRC32C."""
+    """Write a checkpoint shard atomically; return its size and CRC32C.
+
+    The file is encoded in memory and its CRC32C taken from those bytes, so the shard
+    is not read back to checksum it; the bytes are then written (and fsynced) under a
+    temporary name and renamed into place, as :func:`storage.write_bytes` does.
+    """
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **_parquet_options(table))
+    data = sink.getvalue()
+    crc = storage.bytes_crc32c(data)
+    storage.write_bytes(path, data)
+    return data.size, crc
+
+
+def _parquet_options(table: pa.Table) -> dict[str, Any]:
+    """``pq.write_table`` settings of a checkpoint (see CHECKPOINT_LAYOUT)."""
     dictionary = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
-    with storage.atomic_local_path(path) as tmp:
-        pq.write_table(
-            table, tmp,
-            row_group_size=max(table.num_rows, 1),
-            compression=CHECKPOINT_COMPRESSION,
-            use_dictionary=dictionary or False,
-            write_page_checksum=True,
-            # Statistics on the key only: on hundreds of feature columns they would
-            # just grow the footer.
-            write_statistics=[table.schema.names[0]],
-        )
-        nbytes, crc = storage.size(tmp), storage.crc32c(tmp)
-    return nbytes, crc
+    return dict(
+        row_group_size=max(table.num_rows, 1),
+        compression=CHECKPOINT_COMPRESSION,
+        use_dictionary=dictionary or False,
+        write_page_checksum=True,
+        # Statistics on the key only: on hundreds of feature columns they would
+        # just grow the footer.
+        write_statistics=[table.schema.names[0]],
+    )
 
 
 def write_record(path: str, record: dict[str, Any]) -> None:
-    """Write a commit record atomically (after its shard)."""
-    storage.write_bytes(path, json.dumps(record, indent=1, sort_keys=True).encode())
+    """Write a commit record atomically (after its shard, which is durable by then).
+
+    Not fsynced: a record that a machine crash loses or leaves empty only makes its
+    task be redone (an unreadable record proves nothing), while the fsync cost as much
+    as the shard's own. The manifest, written after verification, is durable.
+    """
+    storage.write_bytes(path, json.dumps(record, indent=1, sort_keys=True).encode(), durable=False)
 
 
 def read_json(path: str) -> dict[str, Any] | None:

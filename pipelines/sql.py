@@ -224,6 +224,41 @@ def count_expression(dataset: str, table: str, key: str, shard: Window,
         exp.alias_(exp.Subquery(this=bad), "b", table=True), join_type="CROSS")
 
 
+BATCH_TASK = "task"
+
+
+@functools.lru_cache(maxsize=None)
+def _null_int64(dialect: str) -> str:
+    # Rendered once: sqlglot takes milliseconds per call.
+    return exp.cast(exp.null(), exp.DataType.build("BIGINT")).sql(dialect=dialect)
+
+
+def count_batch(counts: Sequence[tuple[Query, bool]]) -> Query:
+    """One GoogleSQL query answering several :func:`count_shard` queries at once.
+
+    ``counts`` holds (count query, whether it counts bad keys). The answer has one row
+    per query: ``task`` (its position in ``counts``), ``n_rows``, ``n_keys`` and ``n_bad``
+    (NULL where the query does not count bad keys). Each query is used whole as a
+    subquery, so every count means exactly what its own (fingerprinted) text says; only
+    the round trips are shared (one query job instead of one per shard on BigQuery).
+    """
+    if not counts:
+        raise ValueError("count_batch needs at least one count query")
+    texts = []
+    for dialect in ("bigquery", "duckdb"):
+        task, rows, keys, bad = (_quote(n, dialect) for n in (BATCH_TASK, "n_rows", "n_keys", "n_bad"))
+        null = _null_int64(dialect)
+        parts = []
+        for i, (query, with_bad) in enumerate(counts):
+            if not isinstance(query, Query) or not query.duckdb:
+                raise ValueError("count_batch takes queries built by count_shard")
+            text = str(query) if dialect == "bigquery" else query.duckdb
+            parts.append(f"SELECT {int(i)} AS {task}, {rows}, {keys}, "
+                         f"{bad if with_bad else null} AS {bad} FROM ({text}) AS {_quote('c', dialect)}")
+        texts.append(" UNION ALL ".join(parts))
+    return Query(*texts)
+
+
 def key_range(dataset: str, table: str, key: str, min_valid: dt.datetime,
               project: str | None = None) -> Query:
     """GoogleSQL for the first and last valid key of a table (the default window)."""

@@ -313,13 +313,17 @@ def _upload(local: str, final: str) -> None:
 # --------------------------------------------------------------------------- the calls
 
 @contextlib.contextmanager
-def atomic_local_path(final: str) -> Iterator[str]:
+def atomic_local_path(final: str, durable: bool = True) -> Iterator[str]:
     """Yield a local temporary path; publish it as ``final`` when the block succeeds.
 
     On any error the temporary file is removed and ``final`` is untouched. For a
     ``gs://`` ``final`` the temporary is uploaded (CRC32C verified by the server), so
     the object appears only complete. A full disk (or a file larger than the file system
     or the process allows) is a :class:`PipelineError` naming ``final``.
+
+    Locally the file is fsynced before the rename, so that ``final`` survives a crash of
+    the machine once it exists; ``durable=False`` skips that, for files whose loss in
+    such a crash costs only redoing them (a process that dies leaves them intact).
     """
     if is_gcs(final):
         _split(final)
@@ -342,8 +346,9 @@ def atomic_local_path(final: str) -> Iterator[str]:
     try:
         with _disk_full_is_an_error(final, tmp):
             yield tmp
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())  # a delayed allocation failure shows up here
+            if durable:
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())  # a delayed allocation failure shows up here
             os.replace(tmp, final)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -578,9 +583,10 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_local_path(path) as tmp:
+def write_bytes(path: str, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` (bytes or any buffer) to ``path`` atomically (``durable``: see
+    :func:`atomic_local_path`)."""
+    with atomic_local_path(path, durable) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data)
 

@@ -105,3 +105,93 @@ def test_extract_shards_transform_routes_data_errors_to_failed(tiny_warehouse, t
         assert_that(out[FAILED] | beam.Map(lambda line: line.split(":")[0]),
                     equal_to(["ds.b shard 20250106T0000-20250107T0000"]), label="failed")
     assert not checkpoints.shard_is_done(tasks[1])
+
+
+def test_sorted_input_skips_the_sort_with_the_same_result():
+    rows = [(k, float(k)) for k in range(50)]
+    table = pa.concat_tables([_table(rows[:20]), _table(rows[20:])])  # two chunks
+    fast, dropped = sort_and_dedupe(table, "interval_time", "drop", "t")
+    slow, _ = sort_and_dedupe(_table(rows[::-1]), "interval_time", "drop", "t")
+    assert dropped == 0 and fast.equals(slow)
+    assert fast.column(0).num_chunks == 1  # as the sort's output: bytes do not depend on chunking
+    # Non-decreasing with a repeat still takes the deduplicating path.
+    table, dropped = sort_and_dedupe(_table([(0, 1.0), (1, 2.0), (1, 1.0)]), "interval_time", "drop", "t")
+    assert dropped == 1 and table.column("x").to_pylist() == [1.0, 1.0]
+
+
+def test_write_shard_checksum_is_the_files(tmp_path):
+    from pipelines import storage
+
+    path = str(tmp_path / "s.parquet")
+    nbytes, crc = checkpoints.write_shard(_table([(k, k * 0.5) for k in range(100)]), path)
+    assert (nbytes, crc) == (storage.size(path), storage.crc32c(path))
+    assert [p.name for p in tmp_path.iterdir()] == ["s.parquet"]  # no temporary left
+
+
+def test_task_batches_round_trip_and_share_the_work(tmp_path):
+    from pipelines.extract.batches import MAX_BATCH_TASKS, make_batches
+
+    tasks = _tasks([f"t{i}" for i in range(40)], str(tmp_path))
+    batches = make_batches(tasks, workers=2)
+    assert [t for b in batches for t in b.tasks()] == tasks
+    assert len(batches) >= 2 * 4 and all(len(b) <= MAX_BATCH_TASKS for b in batches)
+    assert max(len(b) for b in make_batches(tasks * 20, workers=1)) == MAX_BATCH_TASKS
+
+
+def test_batched_counts_equal_each_tasks_own(tiny_warehouse, tmp_path):
+    from pipelines.extract.batches import batch_counts
+    from pipelines.extract.transforms import _ask
+    from pipelines.sources import open_source
+
+    tasks = _tasks(["a", "b"], str(tmp_path))
+    source = open_source(f"duckdb://{tiny_warehouse}")
+    try:
+        alone = [source.query_rows(t.count_sql)[0] for t in tasks]
+        assert batch_counts(source, tasks, _ask) == alone == [
+            {"n_rows": 100, "n_keys": 100}, {"n_rows": 53, "n_keys": 50}]
+        # A table the source refuses: every task asks alone, so its own error names it.
+        missing = _tasks(["a", "gone"], str(tmp_path))
+        assert batch_counts(source, missing, _ask) == [None, None]
+    finally:
+        source.close()
+
+
+def test_a_batch_with_a_missing_table_fails_only_that_task(tiny_warehouse, tmp_path):
+    from pipelines.extract.batches import TaskBatch
+
+    tasks = _tasks(["a", "gone", "b"], str(tmp_path / "ck"))
+    with TestPipeline() as p:
+        out = (p | beam.Create([TaskBatch(tasks)])
+               | ExtractShards(f"duckdb://{tiny_warehouse}", "interval_time", "drop"))
+        assert_that(out.records | beam.Map(lambda r: (r["table"], r["rows"], r["source_keys"])),
+                    equal_to([("a", 100, 100), ("b", 50, 50)]), label="records")
+        assert_that(out[FAILED] | beam.Map(lambda line: line.split(":")[0]),
+                    equal_to(["ds.gone shard 20250106T0000-20250107T0000"]), label="failed")
+    assert [checkpoints.shard_is_done(t) for t in tasks] == [True, False, True]
+
+
+def test_verification_rereads_only_shards_this_run_did_not_write(tiny_warehouse, tmp_path, monkeypatch):
+    """A shard whose record states the CRC32C this run computed from the bytes it wrote
+    is not read back to checksum it again; any other is checked whole, and damage found."""
+    from pipelines import storage
+    from pipelines.extract.transforms import extract_shard
+    from pipelines.extract.verify import check_task
+    from pipelines.sources import open_source
+
+    task = _tasks(["a"], str(tmp_path / "ck"))[0]
+    source = open_source(f"duckdb://{tiny_warehouse}")
+    try:
+        record = extract_shard(source, task, "interval_time", "drop")
+    finally:
+        source.close()
+    with monkeypatch.context() as m:
+        m.setattr(storage, "crc32c", lambda path: pytest.fail("checksummed a fresh shard"))
+        assert check_task(task, "interval_time", record["crc32c"]) == (record, [])
+    with open(task.path, "r+b") as fh:  # damage in the middle, same size
+        fh.seek(storage.size(task.path) // 2)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    for written_crc in (None, "00000000"):  # an earlier run's shard, or rewritten since
+        found, problems = check_task(task, "interval_time", written_crc)
+        assert found is None and "is corrupt: CRC32C" in problems[0]

@@ -112,3 +112,31 @@ def test_templated_queries_equal_direct_renderings():
                                                         shard, min_valid, project))
             got = sql.count_shard(spec, "interval_time", shard, min_valid, project)
             assert (str(got), got.duckdb) == (str(direct), direct.duckdb)
+
+
+def test_count_batch_answers_each_count_query_as_it_would_alone():
+    """One query for several shards' counts gives, row for row, what each task's own
+    count query gives (n_bad only where that query counts bad keys), on DuckDB, and
+    its GoogleSQL text is what sqlglot translates to the DuckDB one."""
+    con = duckdb.connect()
+    con.execute("SET TimeZone='UTC'; CREATE SCHEMA ds")
+    con.execute("CREATE TABLE ds.reg_eurusd AS SELECT TIMESTAMPTZ '2025-01-06 00:00:00+00' "
+                "+ to_minutes((i % 2500)::INT) AS interval_time, i * 1.0 AS slope, i AS \"select\" "
+                "FROM range(3000) r(i)")
+    con.execute("INSERT INTO ds.reg_eurusd VALUES (TIMESTAMPTZ '1970-01-01 00:00:00+00', 0, 0)")
+    floor = dt.datetime(2000, 1, 1, tzinfo=UTC)
+    parts = shards(window_from_dates(dt.date(2025, 1, 6), dt.date(2025, 1, 8)), 1)
+    queries = [(sql.count_shard(SPEC, "interval_time", w, floor if i == 0 else None), i == 0)
+               for i, w in enumerate(parts)]
+    batch = sql.count_batch(queries)
+    got = con.execute(batch.duckdb).fetchall()
+    assert sorted(row[0] for row in got) == list(range(len(parts)))
+    for task, n_rows, n_keys, n_bad in got:
+        query, with_bad = queries[task]
+        alone = con.execute(query.duckdb).fetchone()
+        assert (n_rows, n_keys) == alone[:2]
+        assert n_bad == (alone[2] if with_bad else None)
+    assert [r for r in got if r[0] == 0][0][1:] == (1940, 1440, 1)  # 500 keys twice, 1 bad
+    assert batch.duckdb == sqlglot.transpile(str(batch), read="bigquery", write="duckdb")[0]
+    with pytest.raises(ValueError):
+        sql.count_batch([("SELECT 1", False)])

@@ -13,6 +13,7 @@ from pipelines import checkpoints, cli, storage
 from pipelines.catalog import load_catalog
 from pipelines.errors import PipelineError
 from pipelines.checkpoints import default_checkpoint_root
+from pipelines.extract.batches import make_batches
 from pipelines.extract.options import ExtractOptions
 from pipelines.extract.plan import ExtractionPlan, make_plan
 from pipelines.extract.transforms import FAILED, ExtractShards
@@ -23,18 +24,24 @@ from pipelines.window import window_from_options
 log = logging.getLogger("pipelines.extract")
 
 
-def build_pipeline(p: beam.Pipeline, tasks, source_url: str, key: str, policy: str):
-    """Add the extraction to pipeline ``p``; return its (records, failed) PCollections."""
+def build_pipeline(p: beam.Pipeline, tasks, source_url: str, key: str, policy: str,
+                   workers: int = 1):
+    """Add the extraction to pipeline ``p``; return its (records, failed) PCollections.
+
+    The tasks go in batches (:mod:`pipelines.extract.batches`), enough of them for
+    ``workers`` to share.
+    """
     outputs = (
         p
-        | "Tasks" >> beam.Create(tasks, reshuffle=False)
+        | "Tasks" >> beam.Create(make_batches(tasks, workers), reshuffle=False)
         | "ExtractShards" >> ExtractShards(source_url, key, policy)
     )
     return outputs.records, outputs[FAILED]
 
 
 class _Collect(beam.DoFn):
-    """Remember failure lines in-process (DirectRunner only) for the final report."""
+    """Remember lines in a local file (DirectRunner only): the failures for the final
+    report, the shards written for the verification."""
 
     def __init__(self, sink_path: str):
         self.sink_path = sink_path
@@ -43,6 +50,11 @@ class _Collect(beam.DoFn):
         with open(self.sink_path, "a", encoding="utf-8") as fh:
             fh.write(line.replace("\n", " ") + "\n")
         yield line
+
+
+def _written_line(record: dict) -> str:
+    """``{fingerprint} {crc32c}`` of a commit record this run wrote."""
+    return f"{record['fingerprint']} {record['crc32c']}"
 
 
 def _with_runner_defaults(argv: list[str]) -> list[str]:
@@ -105,8 +117,9 @@ def run(argv: list[str] | None = None) -> int:
         todo = pending_tasks(plan)
         out.update(done_before=len(plan.tasks) - len(todo), to_do=len(todo))
 
+    written: dict[str, str] = {}
     if todo:
-        failures = _run_beam(options, plan, todo, source_url)
+        failures, written = _run_beam(options, plan, todo, source_url)
         if failures:
             for line in failures:
                 log.error("failed: %s", line)
@@ -114,7 +127,7 @@ def run(argv: list[str] | None = None) -> int:
 
     with cli.stage("verify", tasks=len(plan.tasks)) as out:
         try:
-            manifest = commit_manifest(plan, source_url)
+            manifest = commit_manifest(plan, source_url, written)
         except ExtractionIncomplete as exc:
             for problem in exc.problems:
                 log.error("missing: %s", problem)
@@ -125,36 +138,59 @@ def run(argv: list[str] | None = None) -> int:
     return cli.EXIT_OK
 
 
-def _run_beam(options: PipelineOptions, plan: ExtractionPlan, todo: list, source_url: str) -> list[str]:
-    """Run the Beam pipeline over ``todo``; return the failure lines it reported."""
+def _run_beam(options: PipelineOptions, plan: ExtractionPlan, todo: list,
+              source_url: str) -> tuple[list[str], dict[str, str]]:
+    """Run the Beam pipeline over ``todo``; return the failure lines it reported and
+    the CRC32C of every shard it wrote, by fingerprint (both only on the DirectRunner:
+    elsewhere no failure lines, and verification checks every shard whole)."""
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
-    local_runner = "Direct" in runner
-    fail_log = None
-    if local_runner:
-        fail_log = storage.join(storage.temp_dir("bqx-extract-"), "failures.txt")
+    folder = storage.temp_dir("bqx-extract-") if "Direct" in runner else None
     try:
-        return _run_and_collect(options, plan, todo, source_url, runner, fail_log)
+        failures = _run_and_collect(options, plan, todo, source_url, runner, folder)
+        if folder is None:
+            return failures, {}
+        written = dict(line.split(" ", 1) for line in _lines(os.path.join(folder, "written.txt")))
+        return failures, written
     finally:
-        if fail_log:
-            shutil.rmtree(os.path.dirname(fail_log), ignore_errors=True)
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _lines(path: str) -> list[str]:
+    """The non-empty lines of a local file (none if it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [line.rstrip("\n") for line in fh if line.strip()]
+
+
+def _parallelism(options: PipelineOptions) -> int:
+    """How many workers will share the tasks: the DirectRunner's, or Dataflow's most."""
+    from apache_beam.options.pipeline_options import WorkerOptions
+
+    direct = options.view_as(DirectOptions).direct_num_workers
+    if "Direct" in (options.view_as(StandardOptions).runner or "DirectRunner"):
+        return max(1, direct or os.cpu_count() or 1)  # 0: one per core
+    workers = options.view_as(WorkerOptions)
+    return max(1, workers.max_num_workers or workers.num_workers or 1)
 
 
 def _run_and_collect(options: PipelineOptions, plan: ExtractionPlan, todo: list, source_url: str,
-                     runner: str, fail_log: str | None) -> list[str]:
+                     runner: str, folder: str | None) -> list[str]:
     workers = options.view_as(DirectOptions).direct_num_workers
     with cli.stage("extract", runner=runner, workers=workers, tasks=len(todo)):
         p = beam.Pipeline(options=options)
         records, failed = build_pipeline(p, todo, source_url, plan.key,
-                                         options.view_as(ExtractOptions).on_duplicate_keys)
-        if fail_log:
-            failed | "CollectFailures" >> beam.ParDo(_Collect(fail_log))
+                                         options.view_as(ExtractOptions).on_duplicate_keys,
+                                         _parallelism(options))
+        if folder:
+            failed | "CollectFailures" >> beam.ParDo(_Collect(os.path.join(folder, "failures.txt")))
+            (records | "WrittenLines" >> beam.Map(_written_line)
+             | "CollectWritten" >> beam.ParDo(_Collect(os.path.join(folder, "written.txt"))))
         progress = cli.Progress("extract", len(todo), "shards")
         # One listing per poll in a bucket, not one request per pending task.
         record_paths = [t.record_path for t in todo]
         with cli.watch(progress, lambda: storage.count_existing(record_paths)):
             result = p.run()
             result.wait_until_finish()
-    if fail_log and os.path.exists(fail_log):
-        with open(fail_log, encoding="utf-8") as fh:
-            return [line.rstrip("\n") for line in fh if line.strip()]
-    return []
+    return _lines(os.path.join(folder, "failures.txt")) if folder else []

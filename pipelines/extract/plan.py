@@ -30,6 +30,14 @@ class ExtractionPlan:
         """The tasks of one table, in time order."""
         return [t for t in self.tasks if t.spec.table == spec.table and t.spec.dataset == spec.dataset]
 
+    def tasks_by_spec(self) -> dict[tuple[str, str], list[ShardTask]]:
+        """Every table's tasks in time order, by (dataset, table): one pass, where
+        :meth:`tasks_of` for each table would be quadratic."""
+        out: dict[tuple[str, str], list[ShardTask]] = {(s.dataset, s.table): [] for s in self.specs}
+        for task in self.tasks:
+            out[(task.spec.dataset, task.spec.table)].append(task)
+        return out
+
 
 def min_valid_key(catalog: Catalog) -> dt.datetime:
     """The earliest key that is kept (older keys are migration artefacts)."""
@@ -77,6 +85,7 @@ def build_tasks(catalog: Catalog, pair: str, specs: list[TableSpec], window: Win
                 path=checkpoints.shard_path(root, spec.shared, pair, spec.table, shard),
                 select_sql=select, count_sql=count,
                 fingerprint=checkpoints.fingerprint(select, count, schema, policy),
+                counts_bad_keys=bad_floor is not None,
             ))
     return tasks
 

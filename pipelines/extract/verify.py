@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Mapping
 
 from pipelines import checkpoints, storage
 from pipelines.checkpoints import Manifest
@@ -20,15 +21,22 @@ class ExtractionIncomplete(PipelineError):
         super().__init__(f"extraction incomplete: {len(problems)} problem(s); first: {problems[0]}")
 
 
-def check_task(task: checkpoints.ShardTask, key: str) -> tuple[dict | None, list[str]]:
-    """The task's commit record if its shard is sound, else the problems found."""
+def check_task(task: checkpoints.ShardTask, key: str,
+               written_crc: str | None = None) -> tuple[dict | None, list[str]]:
+    """The task's commit record if its shard is sound, else the problems found.
+
+    ``written_crc``: the CRC32C this run computed from the bytes it wrote for the task.
+    When the record states that same CRC32C the shard is not read again to recompute
+    it (size, footer, rows and schema are still checked).
+    """
     record = checkpoints.read_json(task.record_path)
     if record is None:
         return None, [f"{task.label}: no checkpoint ({task.record_path} missing)"]
     if record.get("fingerprint") != task.fingerprint:
         return None, [f"{task.label}: checkpoint is from another query or schema"]
     expected = checkpoints.output_schema(task.spec, key)
-    problems = list(checkpoints.verify_shard(task.path, record, expected, check_content=True))
+    fresh = written_crc is not None and record.get("crc32c") == written_crc
+    problems = list(checkpoints.verify_shard(task.path, record, expected, check_content=not fresh))
     if not problems and record["rows"] != record["source_keys"]:
         problems.append(
             f"{task.label}: checkpoint has {record['rows']} rows but the source has "
@@ -36,18 +44,26 @@ def check_task(task: checkpoints.ShardTask, key: str) -> tuple[dict | None, list
     return (None if problems else record), problems
 
 
-def commit_manifest(plan: ExtractionPlan, source_url: str) -> Manifest:
+def commit_manifest(plan: ExtractionPlan, source_url: str,
+                    written: Mapping[str, str] | None = None) -> Manifest:
     """Verify every task's shard and write the manifest, then the success marker.
+
+    ``written``: fingerprint -> CRC32C of the shards this run wrote, as its tasks
+    reported them (computed from the bytes written). A shard whose commit record says
+    the same is not checksummed again (:func:`check_task`); every other shard (left by
+    an earlier run, or rewritten by another since) is checked whole.
 
     Raises ExtractionIncomplete listing every missing or unsound shard; nothing is
     committed then, and an older success marker for this window is removed.
     """
     problems: list[str] = []
     tables = []
+    written = written or {}
+    by_spec = plan.tasks_by_spec()
     for spec in plan.specs:
         shards = []
-        for task in plan.tasks_of(spec):
-            record, found = check_task(task, plan.key)
+        for task in by_spec[(spec.dataset, spec.table)]:
+            record, found = check_task(task, plan.key, written.get(task.fingerprint))
             problems.extend(found)
             if record is not None:
                 shards.append({**record, "path": checkpoints.relative(plan.root, task.path)})
