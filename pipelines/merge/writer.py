@@ -34,6 +34,7 @@ OUTPUT_COMPRESSION = "zstd"
 # Level 1 made it 6% larger on feature-like data and encoded ~1.5x faster.
 OUTPUT_COMPRESSION_LEVEL = 3
 MAGIC = b"PAR1"
+PAGE_ROWS_LIMIT = 1 << 30
 
 # Field ids of parquet.thrift that hold byte offsets into the file.
 _CHUNK_OFFSETS = (2, 4, 6)          # ColumnChunk: file_offset, offset/column index offsets
@@ -52,6 +53,11 @@ def _encoding_options(schema: pa.Schema, key: str) -> dict:
     dictionary = [f.name for f in schema if not pa.types.is_floating(f.type) and f.name != key]
     return dict(compression=OUTPUT_COMPRESSION, compression_level=OUTPUT_COMPRESSION_LEVEL,
                 use_dictionary=dictionary or False,
+                # Pages cut by size (1 MiB) only, as Polars cuts them: pyarrow's default
+                # of 20,000 rows per page cut a 100,000-row column into 5 pages compressed
+                # apart, 3.8% larger than Polars' file (no page index is written to use
+                # smaller pages for).
+                max_rows_per_page=PAGE_ROWS_LIMIT,
                 write_statistics=[key] if key in schema.names else False,
                 store_schema=False)
 
