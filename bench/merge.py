@@ -142,8 +142,10 @@ def main(argv=None) -> int:
                     if run == METHODS[0]:  # the methods write the same bytes (tests/test_determinism.py)
                         r["size"] = polars_size(out)
                         print(f"{'':>16} {describe_size(r['size'])}", flush=True)
-                if os.path.exists(out):
-                    os.unlink(out)
+                from pipelines.validate import default_report_path
+                for leftover in (out, default_report_path(out)):
+                    if os.path.exists(leftover):
+                        os.unlink(leftover)
             if not args.keep:
                 shutil.rmtree(root, ignore_errors=True)
     finally:

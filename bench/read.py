@@ -102,7 +102,7 @@ def polars_size(path: str, columns_per_batch: int = 1000) -> dict:
 def describe_size(s: dict) -> str:
     """One line of :func:`polars_size`'s figures."""
     return (f"column data {s['ours']:,} bytes; Polars' writer makes {s['polars']:,} bytes "
-            f"of the same columns (ours is {100 * (s['ours'] / s['polars'] - 1):+.2f}%)")
+            f"of the same columns (ours is {100 * (s['ours'] / s['polars'] - 1):+.3f}%)")
 
 
 def describe(m: dict) -> str:
