@@ -200,6 +200,8 @@ def test_quote_all_round_trips_or_refuses(cols, dialect):
         assert any(repr(c) in str(exc) for c in culprits), (str(exc), culprits)
         return
     assert all(acceptable(n) for n in cols), cols
+    # Exactly what sqlglot renders (quote_all wraps names itself, for speed).
+    assert quoted == [sqlglot.exp.to_identifier(n, quoted=True).sql(dialect=dialect) for n in cols]
     tree = sqlglot.parse_one(f"SELECT {', '.join(quoted)} FROM t", read=dialect)
     assert [e.name for e in tree.expressions] == cols
 
