@@ -26,13 +26,9 @@ class ExtractionPlan:
     specs: list[TableSpec]
     tasks: list[ShardTask]
 
-    def tasks_of(self, spec: TableSpec) -> list[ShardTask]:
-        """The tasks of one table, in time order."""
-        return [t for t in self.tasks if t.spec.table == spec.table and t.spec.dataset == spec.dataset]
-
     def tasks_by_spec(self) -> dict[tuple[str, str], list[ShardTask]]:
-        """Every table's tasks in time order, by (dataset, table): one pass, where
-        :meth:`tasks_of` for each table would be quadratic."""
+        """Every table's tasks in time order, by (dataset, table), in one pass over the
+        tasks."""
         out: dict[tuple[str, str], list[ShardTask]] = {(s.dataset, s.table): [] for s in self.specs}
         for task in self.tasks:
             out[(task.spec.dataset, task.spec.table)].append(task)

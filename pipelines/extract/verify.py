@@ -75,7 +75,7 @@ def commit_manifest(plan: ExtractionPlan, source_url: str,
     if problems:
         storage.delete(success)
         raise ExtractionIncomplete(problems)
-    _refuse_empty_tables(plan, tables, success)
+    _refuse_empty_tables(plan, by_spec, tables, success)
     manifest = Manifest(plan.pair, plan.window, plan.key, plan.root, tables,
                         source=source_url, shard_days=plan.shard_days)
     body = json.dumps(manifest.to_json(), indent=1, sort_keys=True).encode()
@@ -85,7 +85,7 @@ def commit_manifest(plan: ExtractionPlan, source_url: str,
     return manifest
 
 
-def _refuse_empty_tables(plan: ExtractionPlan, tables: list[dict], success: str) -> None:
+def _refuse_empty_tables(plan: ExtractionPlan, by_spec: dict, tables: list[dict], success: str) -> None:
     """Refuse to commit when a table has no rows in the whole window.
 
     An empty targets table would make an empty training file, an empty feature table
@@ -101,7 +101,7 @@ def _refuse_empty_tables(plan: ExtractionPlan, tables: list[dict], success: str)
     for spec, _entry in empty:
         log.error("empty: %s.%s has no rows in window %s", spec.dataset, spec.table,
                   plan.window.id)
-        for task in plan.tasks_of(spec):
+        for task in by_spec[(spec.dataset, spec.table)]:
             storage.delete(task.record_path)
     spec = empty[0][0]
     if spec.group == "targets":
