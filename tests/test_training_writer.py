@@ -136,3 +136,32 @@ def test_merge_validation_uses_the_writers_counts_and_reads_back_samples(extract
     nulls[2] += 1
     report = validate_file(out, counted=ColumnCounts(nulls, nulls * 0, names[1:4]))
     assert [f for f in report.hard_failures if f.startswith(f"column {names[2]}:")], report.hard_failures
+
+
+def test_a_file_that_is_not_the_bytes_written_is_not_published(extracted, tmp_path, monkeypatch):
+    """The merge compares the stored file's size with what it wrote before validating.
+
+    A mock: no emulator or file system here changes a local file between its write and
+    its validation, so storage.size is made to report one byte more for the temporary.
+    """
+    import os
+
+    from pipelines import checkpoints, storage
+    from pipelines.errors import PipelineError
+    from pipelines.merge import job
+    from pipelines.validate import default_report_path
+    from pipelines.window import window_from_options
+
+    real_size = storage.size
+
+    def size(path):
+        grown = storage.TEMP_MARK in os.path.basename(str(path))
+        return real_size(path) + (1 if grown else 0)
+
+    monkeypatch.setattr(storage, "size", size)
+    manifest = checkpoints.load_manifest(extracted, "eurusd", window_from_options(None, None))
+    out = tmp_path / "out" / "t.parquet"
+    with pytest.raises(PipelineError, match=r"holds \d+ bytes, the merge wrote \d+: not published"):
+        job.merge(manifest, str(out), "polars", 1536 << 20)
+    assert not out.exists() and not os.path.exists(default_report_path(str(out)))
+    assert not [n for n in os.listdir(out.parent) if storage.TEMP_MARK in n]
