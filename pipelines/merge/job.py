@@ -298,9 +298,9 @@ def _spine_keys(manifest: Manifest, spec) -> pa.Array:
 def use_jemalloc() -> None:
     """Make Arrow allocate from jemalloc when this pyarrow has it and the user did not
     choose a pool (``ARROW_DEFAULT_MEMORY_POOL``). The merge frees a column batch's
-    buffers every second or so; mimalloc (pyarrow's default) kept more of them: peak RSS
-    0.82 / 1.16 GiB at 10,000 / 100,000 rows against 0.73 / 0.92 GiB with jemalloc, which
-    was also ~10% faster (full-width synthetic pair, 2 cores)."""
+    buffers every second or so, and mimalloc (pyarrow's default) kept more of them: peak
+    RSS 0.80 / 1.24 GiB at 10,000 / 100,000 rows against 0.79 / 0.94 GiB with jemalloc
+    (BENCHMARKS.md, "Arrow's allocator")."""
     if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
         return
     try:

@@ -30,8 +30,9 @@ from pipelines.merge import thrift_compact as tc
 
 METADATA_KEY = b"bqx.training"
 OUTPUT_COMPRESSION = "zstd"
-# Polars' default (zstd 3): the training file is no larger than Polars would write it.
-# Level 1 made it 6% larger on feature-like data and encoded ~1.5x faster.
+# Polars' default (zstd 3), so that the training file is no larger than Polars would
+# write it (`python -m bench.read FILE --polars-size`); level 1 encodes faster but was
+# larger on the benchmark's feature-like data.
 OUTPUT_COMPRESSION_LEVEL = 3
 MAGIC = b"PAR1"
 PAGE_ROWS_LIMIT = 1 << 30
@@ -47,8 +48,8 @@ _FMD_SCHEMA, _FMD_ROWS, _FMD_ROW_GROUPS, _FMD_KV = 2, 3, 4, 5
 def _encoding_options(schema: pa.Schema, key: str) -> dict:
     """Statistics only on the key (they let readers skip row groups by time; on every
     column they would make the footer several times larger), dictionary encoding for
-    all but floats (feature floats rarely repeat; integer features are mostly counts
-    and flags, 30% smaller with it, as Polars writes them), no Arrow schema blob
+    all but floats (feature floats rarely repeat; Polars encodes integers so, and without
+    it the benchmark's integer columns were larger than Polars' file), no Arrow schema blob
     (parquet's own schema round-trips these types)."""
     dictionary = [f.name for f in schema if not pa.types.is_floating(f.type) and f.name != key]
     return dict(compression=OUTPUT_COMPRESSION, compression_level=OUTPUT_COMPRESSION_LEVEL,
@@ -71,8 +72,8 @@ def encode_row_group(table: pa.Table, key: str) -> pa.Buffer:
 
 
 def encoding_threads() -> int:
-    """Threads that encode a column batch: one per core, at most 4 (more pieces give
-    smaller zstd frames no gain)."""
+    """Threads that encode a column batch: one per core, at most 4 (measured on 2 cores
+    only; a cap keeps a large machine from cutting batches into many small pieces)."""
     return max(1, min(4, os.cpu_count() or 1))
 
 
