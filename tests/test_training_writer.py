@@ -52,19 +52,41 @@ def _pyarrow_reference(table: pa.Table, groups) -> bytes:
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_assembled_file_is_byte_identical_to_pyarrows(tmp_path, threads):
-    """Batches encoded whole (1 thread) or cut into pieces encoded at once (3)."""
+@pytest.mark.parametrize("nested", [False, True])
+def test_assembled_file_is_byte_identical_to_pyarrows(tmp_path, threads, nested):
+    """Batches encoded whole (1 thread) or cut into pieces encoded at once (3). The
+    footer's schema is gathered from the pieces' footers, so a nested column (several
+    schema elements for one field; no feature has one) is checked too."""
     table = _table()
+    if nested:
+        table = table.add_column(7, "window", pa.array([[float(i), None] for i in range(1000)]))
     groups = [(0, 600), (600, 1000)]
     data = _assembled(table, groups, [(0, 5), (5, 30), (30, table.num_columns)], threads)
     assert data == _pyarrow_reference(table, groups)
     path = tmp_path / "t.parquet"
     path.write_bytes(data)
     assert pq.read_table(path).equals(table)
+    if nested:
+        return
     assert pl.read_parquet(path).to_arrow().cast(table.schema).equals(table)
     assert duckdb.sql(f"SELECT count(*), sum(c3) FROM '{path}'").fetchone() == pytest.approx(
         (1000, pa.compute.sum(table["c3"]).as_py()))
     assert pq.ParquetFile(path).metadata.row_group(1).column(0).statistics.has_min_max
+
+
+def test_a_file_without_row_groups_has_pyarrows_footer():
+    table = _table()
+    assert _assembled(table, [], []) == _pyarrow_reference(table, [])
+
+
+def test_encoded_values_are_written_as_they_are():
+    chunk = {1: (thrift_compact.I64, 42), 3: (thrift_compact.BINARY, b"x")}
+    lst = (thrift_compact.LIST, (thrift_compact.STRUCT, [chunk, chunk]))
+    plain = thrift_compact.encode_struct({2: lst})
+    encoded = thrift_compact.encode_value(thrift_compact.STRUCT, chunk)
+    assert thrift_compact.encode_struct(
+        {2: (thrift_compact.LIST, (thrift_compact.STRUCT, [encoded, chunk]))}) == plain
+    assert thrift_compact.encode_struct({2: (thrift_compact.LIST, thrift_compact.encode_value(*lst))}) == plain
 
 
 def test_footer_round_trips_through_the_thrift_codec():

@@ -50,13 +50,14 @@ def _usable(budget: int) -> int:
     return usable
 
 
-def pack(sizes: list[float], limit: float) -> list[int]:
-    """Cut consecutive items into runs whose sizes add up to at most ``limit`` (an item
-    larger than that is a run of its own); returns the item count of each run."""
+def pack(sizes: list[float], limit: float, first_limit: float | None = None) -> list[int]:
+    """Cut consecutive items into runs whose sizes add up to at most ``limit`` (the
+    first run at most ``first_limit`` when given; an item larger than that is a run of
+    its own); returns the item count of each run."""
     runs: list[int] = []
     total = 0.0
     for size in sizes:
-        if runs and total + size <= limit:
+        if runs and total + size <= (limit if len(runs) > 1 or first_limit is None else first_limit):
             runs[-1] += 1
             total += size
         else:
@@ -67,8 +68,12 @@ def pack(sizes: list[float], limit: float) -> list[int]:
 
 def column_batches(table_row_bytes: list[int], rows: int, budget: int) -> list[list[int]]:
     """Group consecutive tables (by index) into column batches whose columns, for
-    ``rows`` rows, fit the budget; a table larger than that is a batch of its own."""
-    counts = pack([per_row * rows for per_row in table_row_bytes], _usable(budget) / BATCH_COPIES)
+    ``rows`` rows, fit the budget; a table larger than that is a batch of its own.
+
+    The first batch is a quarter of that: nothing can be encoded until it is read and
+    joined, so a small one lets the encoders start sooner."""
+    limit = _usable(budget) / BATCH_COPIES
+    counts = pack([per_row * rows for per_row in table_row_bytes], limit, limit / 4)
     bounds = [0]
     for count in counts:
         bounds.append(bounds[-1] + count)

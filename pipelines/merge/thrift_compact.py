@@ -6,7 +6,9 @@ no parquet library exposes that, so this module reads a struct generically (no I
 every field keeps its id and wire type) and writes it back byte for byte.
 
 A struct is a ``dict`` {field id: (wire type, value)}; a list or set is
-``(element type, [values])``. Booleans inside containers keep their raw byte.
+``(element type, [values])``. Booleans inside containers keep their raw byte. Any value
+may also be :class:`Encoded`: bytes already encoded, written as they are (a footer's
+parts can then be kept compact until the footer is written).
 """
 from __future__ import annotations
 
@@ -17,6 +19,10 @@ STOP, TRUE, FALSE, BYTE, I16, I32, I64, DOUBLE, BINARY, LIST, SET, MAP, STRUCT =
 
 class ThriftError(ValueError):
     """The bytes are not a Thrift compact struct this module can handle."""
+
+
+class Encoded(bytes):
+    """A value already in the compact encoding (without its field header)."""
 
 
 def _zigzag_decode(n: int) -> int:
@@ -115,7 +121,9 @@ class _Writer:
         out.append(n)
 
     def value(self, ctype: int, value) -> None:
-        if ctype in (I16, I32, I64):
+        if isinstance(value, Encoded):
+            self.out += value
+        elif ctype in (I16, I32, I64):
             self.varint(_zigzag_encode(value))
         elif ctype == BINARY:
             self.varint(len(value))
@@ -173,3 +181,10 @@ def encode_struct(fields: dict) -> bytes:
     writer = _Writer()
     writer.struct(fields)
     return bytes(writer.out)
+
+
+def encode_value(ctype: int, value) -> Encoded:
+    """``value`` of wire type ``ctype``, encoded once to be written as it is later."""
+    writer = _Writer()
+    writer.value(ctype, value)
+    return Encoded(writer.out)

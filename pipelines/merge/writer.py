@@ -36,13 +36,17 @@ OUTPUT_COMPRESSION = "zstd"
 OUTPUT_COMPRESSION_LEVEL = 3
 MAGIC = b"PAR1"
 PAGE_ROWS_LIMIT = 1 << 30
+# Pieces per encoding thread in a batch: columns compress at different speeds, so with
+# one piece per thread the first to finish waits for the last; smaller pieces even out.
+PIECES_PER_THREAD = 3
 
 # Field ids of parquet.thrift that hold byte offsets into the file.
 _CHUNK_OFFSETS = (2, 4, 6)          # ColumnChunk: file_offset, offset/column index offsets
 _COLUMN_META = 3                    # ColumnChunk.meta_data
 _META_OFFSETS = (9, 10, 11, 14)     # ColumnMetaData: data/index/dictionary page, bloom filter
 _RG_COLUMNS, _RG_BYTES, _RG_ROWS, _RG_OFFSET, _RG_COMPRESSED = 1, 2, 3, 5, 6
-_FMD_SCHEMA, _FMD_ROWS, _FMD_ROW_GROUPS, _FMD_KV = 2, 3, 4, 5
+_FMD_SCHEMA, _FMD_ROWS, _FMD_ROW_GROUPS, _FMD_KV, _FMD_ORDERS = 2, 3, 4, 5, 7
+_SCHEMA_CHILDREN = 5                # SchemaElement.num_children
 
 
 def _encoding_options(schema: pa.Schema, key: str) -> dict:
@@ -137,6 +141,13 @@ class TrainingFileWriter:
         self._pos = 0
         self._crc = google_crc32c.Checksum()
         self._row_groups: list[dict] = []
+        # The footer's file-level fields, gathered from the first row group's pieces:
+        # version and writer name, the schema root, and per column its schema element
+        # and column order, kept encoded (bytes, not Python objects) until the footer.
+        self._file_fields: dict | None = None
+        self._schema_root: dict | None = None
+        self._schema_elements: list[tc.Encoded] = []
+        self._column_orders: list[tc.Encoded] = []
         self._group: dict | None = None
         self._next_column = 0
         self.rows = 0
@@ -177,7 +188,7 @@ class TrainingFileWriter:
                              f"{self._next_column} of the training schema")
         if table.num_rows != group[_RG_ROWS][1]:
             raise ValueError(f"{table.num_rows} rows for a row group of {group[_RG_ROWS][1]}")
-        pieces = _pieces(table.cast(expected), self._threads)
+        pieces = _pieces(table.cast(expected), self._threads * PIECES_PER_THREAD)
         if self._pool is None:
             encoded = [_encode_piece(piece, self.key) for piece in pieces]
         else:
@@ -190,11 +201,15 @@ class TrainingFileWriter:
     def _append(self, group: dict, data: pa.Buffer, meta: dict, footer_start: int) -> None:
         """Append an encoded piece's column chunks to the open row group."""
         (piece,) = meta[_FMD_ROW_GROUPS][1][1]
+        if not self._row_groups:
+            self._collect_file_fields(meta)
         by = self._pos - len(MAGIC)  # the piece's bytes move from offset 4 to self._pos
         for chunk in piece[_RG_COLUMNS][1][1]:
             _shift(chunk, _CHUNK_OFFSETS, by)
             _shift(chunk[_COLUMN_META][1], _META_OFFSETS, by)
-            group[_RG_COLUMNS][1][1].append(chunk)
+            # Kept encoded until the footer is written: ~100 bytes per column chunk
+            # instead of a dozen Python objects, for every row group of the file.
+            group[_RG_COLUMNS][1][1].append(tc.encode_value(tc.STRUCT, chunk))
         if _RG_OFFSET not in group and _RG_OFFSET in piece:
             group[_RG_OFFSET] = (tc.I64, piece[_RG_OFFSET][1] + by)
         for fid in (_RG_BYTES, _RG_COMPRESSED):
@@ -218,6 +233,33 @@ class TrainingFileWriter:
         self.write_columns(table)
         self.end_row_group()
 
+    def _collect_file_fields(self, meta: dict) -> None:
+        """Keep a piece's schema elements and column orders, which follow the previous
+        piece's: concatenated, they are what pyarrow writes for the whole schema."""
+        (_, (_, elements)) = meta[_FMD_SCHEMA]
+        if self._file_fields is None:
+            self._file_fields = {fid: value for fid, value in meta.items()
+                                 if fid not in (_FMD_SCHEMA, _FMD_ROWS, _FMD_ROW_GROUPS,
+                                                _FMD_KV, _FMD_ORDERS)}
+            self._schema_root = elements[0]
+        self._schema_elements.extend(tc.encode_value(tc.STRUCT, e) for e in elements[1:])
+        if _FMD_ORDERS in meta:
+            self._column_orders.extend(tc.encode_value(tc.STRUCT, o) for o in meta[_FMD_ORDERS][1][1])
+
+    def _footer_template(self) -> dict:
+        """The footer's file-level fields: schema, column orders, version and writer
+        name, exactly as pyarrow would have written them for this schema."""
+        if self._file_fields is None:  # no row group: those of an empty file
+            template, _ = read_footer(encode_row_group(self.schema.empty_table(), self.key))
+            return template
+        root = dict(self._schema_root)
+        root[_SCHEMA_CHILDREN] = (tc.I32, len(self.schema))
+        template = dict(self._file_fields)
+        template[_FMD_SCHEMA] = (tc.LIST, (tc.STRUCT, [root] + self._schema_elements))
+        if self._column_orders:
+            template[_FMD_ORDERS] = (tc.LIST, (tc.STRUCT, self._column_orders))
+        return template
+
     def _stop_threads(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -234,9 +276,7 @@ class TrainingFileWriter:
         if self._group is not None:
             raise RuntimeError("close with a row group still open")
         self._stop_threads()
-        # The schema, column orders, version and writer name of an empty file of the
-        # same schema: exactly what pyarrow would have written.
-        template, _ = read_footer(encode_row_group(self.schema.empty_table(), self.key))
+        template = self._footer_template()
         template[_FMD_ROWS] = (tc.I64, self.rows)
         template[_FMD_ROW_GROUPS] = (tc.LIST, (tc.STRUCT, self._row_groups))
         template[_FMD_KV] = (tc.LIST, (tc.STRUCT, [
