@@ -9,8 +9,10 @@ in its own process:
   shard, translated for DuckDB) run as ``COPY (query) TO 'x.parquet'`` by the same
   number of threads, with nothing else (no counts, dedupe, records or verification).
 
-Prints wall time, peak RSS and the ratio of each extract run to the bare loop with the
-same number of workers.
+Prints wall time, CPU time (user + system) and the cores it kept busy on average (CPU
+over wall), peak RSS, and the ratio of each extract run to the bare loop with the same
+number of workers. A run that keeps every core busy with one worker cannot gain from a
+second.
 """
 from __future__ import annotations
 
@@ -50,6 +52,12 @@ def copy_loop(warehouse: str, pair: str, out: str, workers: int) -> None:
         list(pool.map(run, enumerate(plan.tasks)))
 
 
+def _figures(r: dict) -> str:
+    """Wall, CPU, cores busy and peak RSS columns of one measured run."""
+    cores = r["cpu"] / r["wall"] if r["wall"] else 0.0
+    return f"{r['wall']:>8.1f} {r['cpu']:>7.1f} {cores:>6.2f} {r['rss'] / 2**30:>13.2f}"
+
+
 def main(argv=None) -> int:
     """Run the extraction benchmark and print the figures."""
     p = argparse.ArgumentParser(prog="python -m bench.extract", description=__doc__,
@@ -76,12 +84,13 @@ def main(argv=None) -> int:
             build_warehouse(warehouse, [args.pair], rows=args.rows, seed=0)
             print(f"sample warehouse: {args.rows} rows, {time.monotonic() - started:.0f} s")
         print(f"extract runs: DirectRunner, {args.running_mode}")
-        print(f"{'run':>24} {'wall s':>8} {'peak RSS GiB':>13} {'x copy loop':>12}  result", flush=True)
+        print(f"{'run':>24} {'wall s':>8} {'CPU s':>7} {'cores':>6} {'peak RSS GiB':>13} "
+              f"{'x copy loop':>12}  result", flush=True)
         for workers in [int(w) for w in args.workers.split(",")]:
             out = os.path.join(work, f"copy{workers}")
             base = _isolated([sys.executable, "-m", "bench.extract", "--copy-loop", warehouse,
                               args.pair, out, str(workers)], args.cap_seconds, 1 << 40)
-            print(f"{f'copy loop, {workers} threads':>24} {base['wall']:>8.1f} {base['rss'] / 2**30:>13.2f} "
+            print(f"{f'copy loop, {workers} threads':>24} {_figures(base)} "
                   f"{'1.00':>12}  {'ok' if base['code'] == 0 else base['error']}", flush=True)
             shutil.rmtree(out, ignore_errors=True)
             ck = os.path.join(work, f"ck{workers}")
@@ -90,7 +99,7 @@ def main(argv=None) -> int:
                              f"--direct_num_workers={workers}",
                              f"--direct_running_mode={args.running_mode}"], args.cap_seconds, 1 << 40)
             ratio = run["wall"] / base["wall"] if base["wall"] else float("nan")
-            print(f"{f'extract, {workers} workers':>24} {run['wall']:>8.1f} {run['rss'] / 2**30:>13.2f} "
+            print(f"{f'extract, {workers} workers':>24} {_figures(run)} "
                   f"{ratio:>12.2f}  {'ok' if run['code'] == 0 else run['error']}", flush=True)
             shutil.rmtree(ck, ignore_errors=True)
     finally:

@@ -19,6 +19,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,8 @@ def _rss(pid: int) -> int:
 
 def run_measured(cmd: list[str], cap_seconds: float, cap_rss: int) -> dict:
     """Run ``cmd`` (from a fresh process: RUSAGE_CHILDREN then covers only it); return
-    its exit code, wall seconds, peak RSS and whether a cap killed it."""
+    its exit code, wall seconds, CPU seconds (user + system), peak RSS and whether a cap
+    killed it."""
     started = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     killed = None
@@ -56,10 +58,12 @@ def run_measured(cmd: list[str], cap_seconds: float, cap_rss: int) -> dict:
         time.sleep(0.2)
     err = proc.communicate()[1]
     wall = time.monotonic() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak = usage.ru_maxrss * 1024
     lines = err.strip().splitlines()
     errors = [line for line in lines if "Error" in line or line.startswith("error:")]
     return {"code": proc.returncode, "wall": wall, "rss": peak, "killed": killed,
+            "cpu": usage.ru_utime + usage.ru_stime,
             "error": "" if proc.returncode == 0 or killed else (errors or lines or [""])[-1][:200]}
 
 
@@ -70,7 +74,8 @@ def _isolated(cmd: list[str], cap_seconds: float, cap_rss: int) -> dict:
              json.dumps(cmd), str(cap_seconds), str(cap_rss)]
     out = subprocess.run(probe, capture_output=True, text=True)
     if out.returncode != 0:
-        return {"code": out.returncode, "wall": 0.0, "rss": 0, "killed": None, "error": out.stderr[-500:]}
+        return {"code": out.returncode, "wall": 0.0, "cpu": 0.0, "rss": 0, "killed": None,
+                "error": out.stderr[-500:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -97,7 +102,12 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="folder for the data (default: a temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the generated data")
     p.add_argument("--report", default=None, help="write a Markdown report here (and a PNG beside it)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs of each method and anchor per size, taken in turns; the "
+                        "median wall and CPU time are reported, with the range")
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     from pipelines.merge.budget import parse_size
 
     cap_rss = parse_size(args.cap_rss)
@@ -122,30 +132,27 @@ def main(argv=None) -> int:
                 make_checkpoints(root, args.pair, rows, log=lambda *a: None)
                 print(f"\n{rows} rows: synthetic checkpoints in {time.monotonic() - started:.0f} s, "
                       f"{_du(root) / 2**30:.2f} GiB on disk", flush=True)
-            print(f"{'run':>16} {'wall s':>8} {'x floor':>8} {'peak RSS GiB':>13} {'file GiB':>9}  result", flush=True)
+            print(HEADER, flush=True)
+            trials: dict[str, list[dict]] = {run: [] for run in runs}
+            # Runs taken in turns, so that a slow spell of a shared machine falls on all.
+            for _ in range(args.repeat):
+                for run in runs:
+                    if trials[run] and trials[run][-1]["code"] != 0:
+                        continue  # killed or failed once: no point repeating it
+                    r = _trial(run, rows, root, work, args, cap_rss, measure=not trials[run])
+                    trials[run].append(r)
+                    if args.repeat > 1:
+                        print(f"{'':>16} {run} run {len(trials[run])}: {r['wall']:.1f} s", flush=True)
             floor_wall = None
             for run in runs:
-                out = os.path.join(work, f"out{rows}_{run}.parquet")
-                # The cap stops anchors that never finish; the project's methods must.
-                cap = args.cap_seconds if run in ANCHORS else max(args.cap_seconds, 7200)
-                r = _isolated(command_for(run, root, args.pair, out, args.memory_budget), cap, cap_rss)
-                r.update(rows=rows, run=run, file=os.path.getsize(out) if os.path.exists(out) else None)
+                r = _summary(trials[run])
                 if run == "floor" and r["code"] == 0:
                     floor_wall = r["wall"]
                 r["ratio"] = r["wall"] / floor_wall if floor_wall and r["code"] == 0 else None
                 results.append(r)
                 print(_row(r), flush=True)
-                if run in METHODS and r["code"] == 0:
-                    from bench.read import describe, describe_size, measure, polars_size
-                    r["read"] = measure(out)
-                    print(f"{'':>16} {describe(r['read'])}", flush=True)
-                    if run == METHODS[0]:  # the methods write the same bytes (tests/test_determinism.py)
-                        r["size"] = polars_size(out)
-                        print(f"{'':>16} {describe_size(r['size'])}", flush=True)
-                from pipelines.validate import default_report_path
-                for leftover in (out, default_report_path(out)):
-                    if os.path.exists(leftover):
-                        os.unlink(leftover)
+                for line in _details(r):
+                    print(f"{'':>16} {line}", flush=True)
             if not args.keep:
                 shutil.rmtree(root, ignore_errors=True)
     finally:
@@ -156,11 +163,64 @@ def main(argv=None) -> int:
     return 0
 
 
+def _trial(run: str, rows: int, root: str, work: str, args, cap_rss: int, measure: bool) -> dict:
+    """One measured run; with ``measure``, also its output's read speed and size."""
+    out = os.path.join(work, f"out{rows}_{run}.parquet")
+    # The cap stops anchors that never finish; the project's methods must.
+    cap = args.cap_seconds if run in ANCHORS else max(args.cap_seconds, 7200)
+    r = _isolated(command_for(run, root, args.pair, out, args.memory_budget), cap, cap_rss)
+    r.update(rows=rows, run=run, file=os.path.getsize(out) if os.path.exists(out) else None)
+    if measure and run in METHODS and r["code"] == 0:
+        from bench.read import measure, polars_size
+        r["read"] = measure(out)
+        if run == METHODS[0]:  # the methods write the same bytes (tests/test_determinism.py)
+            r["size"] = polars_size(out)
+    from pipelines.validate import default_report_path
+    for leftover in (out, default_report_path(out)):
+        if os.path.exists(leftover):
+            os.unlink(leftover)
+    return r
+
+
+def _summary(trials: list[dict]) -> dict:
+    """One row from a run's trials: median wall and CPU time, highest peak RSS; a failed
+    or killed trial makes the row that failure."""
+    failed = [t for t in trials if t["code"] != 0]
+    if failed:
+        return dict(failed[0], trials=len(trials))
+    walls = sorted(t["wall"] for t in trials)
+    r = dict(trials[0], trials=len(trials), walls=walls,
+             wall=statistics.median(walls), cpu=statistics.median(t["cpu"] for t in trials),
+             rss=max(t["rss"] for t in trials))
+    return r
+
+
+def _details(r: dict) -> list[str]:
+    """The lines under a method's row: its output's read speed and size."""
+    from bench.read import describe, describe_size
+    lines = []
+    if r.get("read"):
+        lines.append(describe(r["read"]))
+    if r.get("size"):
+        lines.append(describe_size(r["size"]))
+    return lines
+
+
+HEADER = (f"{'run':>16} {'wall s':>8} {'x floor':>8} {'CPU s':>7} {'peak RSS GiB':>13} "
+          f"{'file GiB':>9}  result")
+
+
 def _row(r: dict) -> str:
     ratio = f"{r['ratio']:.2f}" if r.get("ratio") else "-"
     size = f"{r['file'] / 2**30:.2f}" if r.get("file") else "-"
-    result = "ok" if r["code"] == 0 else (r["killed"] or f"exit {r['code']} {r['error']}")
-    return f"{r['run']:>16} {r['wall']:>8.1f} {ratio:>8} {r['rss'] / 2**30:>13.2f} {size:>9}  {result}"
+    if r["code"] != 0:
+        result = r["killed"] or f"exit {r['code']} {r['error']}"
+    elif r["trials"] > 1:
+        result = f"ok; median of {r['trials']}, wall {r['walls'][0]:.1f}-{r['walls'][-1]:.1f} s"
+    else:
+        result = "ok"
+    return (f"{r['run']:>16} {r['wall']:>8.1f} {ratio:>8} {r.get('cpu', 0.0):>7.1f} "
+            f"{r['rss'] / 2**30:>13.2f} {size:>9}  {result}")
 
 
 def _memory() -> str:
@@ -185,19 +245,19 @@ def write_report(path: str, results: list[dict], machine: str, command: str) -> 
              "features, compressing to about half of raw). The floor's file is not the "
              "output's frame (its NULLs sit elsewhere); `polars_eager` writes the same frame "
              "with Polars, and each method's output size line compares its column data with "
-             "Polars' writer's for the same columns.", ""]
+             "Polars' writer's for the same columns. CPU s is user + system time. With "
+             "`--repeat`, runs take turns and wall and CPU are medians; peak RSS is the "
+             "highest.", ""]
     for rows in sorted({r["rows"] for r in results}):
-        lines += [f"## {rows:,} rows", "", "| run | wall s | x floor | peak RSS GiB | file GiB | result |",
-                  "|---|---:|---:|---:|---:|---|"]
+        lines += [f"## {rows:,} rows", "",
+                  "| run | wall s | x floor | CPU s | peak RSS GiB | file GiB | result |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
         for r in (r for r in results if r["rows"] == rows):
-            cells = _row(r).split(None, 5)
+            cells = _row(r).split(None, 6)
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-        for r in (r for r in results if r["rows"] == rows and r.get("read")):
-            from bench.read import describe, describe_size
-            lines.append(f"- `{r['run']}` output: {describe(r['read'])}.")
-            if r.get("size"):
-                lines.append(f"- `{r['run']}` output size: {describe_size(r['size'])}.")
+        for r in (r for r in results if r["rows"] == rows):
+            lines.extend(f"- `{r['run']}` output: {line}." for line in _details(r))
         lines.append("")
     chart = os.path.splitext(path)[0] + ".png"
     if _chart(chart, results):
