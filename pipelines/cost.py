@@ -10,11 +10,13 @@ of the original implementation's extraction queries), extract 4 vCPU / 8 GiB / 7
 merge 1 vCPU / 2 GiB / 15 min, Cloud Run $0.000024 per vCPU-second and $0.0000025 per
 GiB-second, BigQuery on-demand $6.25 per TiB. Every figure is a flag.
 
-BigQuery on-demand bills at least 10 MB per query (and per table it references), and the
-extract job issues two queries per (table, time shard): a count and a read. With about
-668 tables x 80 shards per pair over the full history that floor, not the bytes scanned,
-sets the BigQuery bill; the estimate bills ``max(scanned, queries x 10 MB)`` per pair and
-shows both (``--queries-per-pair 0`` turns the floor off).
+BigQuery on-demand bills at least 10 MB per query (and per table it references). The
+extract job issues a read query per (table, time shard) and a count query per batch of
+up to 16 consecutive tasks (pipelines/extract/batches.py; a table's 80 shards make 5
+batches of that table alone). With about 668 tables x 80 shards per pair over the full
+history that floor, not the bytes scanned, sets the BigQuery bill; the estimate bills
+``max(scanned, queries x 10 MB)`` per pair and shows both (``--queries-per-pair 0``
+turns the floor off).
 
 The arithmetic is in :func:`estimate`, a pure function; where the scanned bytes come
 from is its ``scanned_bytes_per_pair`` argument, a number or a function
@@ -29,6 +31,7 @@ from typing import Callable, Sequence, Union
 
 from pipelines.cli import run_main
 from pipelines.errors import PipelineError
+from pipelines.extract.batches import MAX_BATCH_TASKS
 
 GB = 10**9
 MIB = 2**20
@@ -42,9 +45,10 @@ TABLES_PER_PAIR = 668
 SHARED_TABLES = 411
 #: 28-day shards over the full 2020-2025 history (README: about 80 per table).
 SHARDS_PER_TABLE = 80
-#: The extract job runs a count and a read query per (table, shard).
-QUERIES_PER_TASK = 2
-DEFAULT_QUERIES_PER_PAIR = QUERIES_PER_TASK * TABLES_PER_PAIR * SHARDS_PER_TABLE
+#: The extract job runs a read query per (table, shard) and one count query per batch of
+#: MAX_BATCH_TASKS consecutive tasks, each batch one table's (80 shards are 5 batches).
+TASKS_PER_PAIR = TABLES_PER_PAIR * SHARDS_PER_TABLE
+DEFAULT_QUERIES_PER_PAIR = TASKS_PER_PAIR + -(-TASKS_PER_PAIR // MAX_BATCH_TASKS)
 #: BigQuery on-demand bills at least 10 MB (BigQuery's MB: 2**20 bytes) per query.
 MIN_BILLED_BYTES_PER_QUERY = 10 * MIB
 
@@ -283,8 +287,8 @@ def report(one: Estimate, all_: Estimate, scanned_source: str, shared_fraction: 
         f"{_rate(rates.gib_second)} per GiB-second; BigQuery on-demand "
         f"{_rate(rates.bigquery_tib)} per TiB",
         f"scanned bytes: {scanned_source}",
-        f"queries: {one.bigquery.queries:,} for a pair's whole extraction (a count and a read "
-        f"per table and shard); BigQuery bills at least "
+        f"queries: {one.bigquery.queries:,} for a pair's whole extraction (a read per table "
+        f"and shard, a count per {MAX_BATCH_TASKS} of them); BigQuery bills at least "
         f"{MIN_BILLED_BYTES_PER_QUERY // MIB} MB per query",
     ]
     if len(all_.pairs) > 1:

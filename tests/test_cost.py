@@ -73,7 +73,7 @@ def test_bigquery_scanned_bytes_are_priced_per_tib():
 def test_the_per_query_minimum_sets_the_bill_when_queries_are_small():
     e = one_pair()
     floor = cost.DEFAULT_QUERIES_PER_PAIR * 10 * 2**20
-    assert cost.DEFAULT_QUERIES_PER_PAIR == 2 * 668 * 80
+    assert cost.DEFAULT_QUERIES_PER_PAIR == 668 * 80 + 668 * 80 // 16  # reads, batched counts
     assert e.bigquery.queries == cost.DEFAULT_QUERIES_PER_PAIR
     assert e.bigquery.billed_bytes == max(WORKLOAD_BYTES, floor) == floor
     assert e.bigquery.scanned_dollars == pytest.approx(WORKLOAD_BYTES / 2**40 * 6.25)
