@@ -1,4 +1,4 @@
-"""``python -m bench.extract --rows 10000 [--workers 1,2]``
+"""``python -m bench.extract --rows 10000 [--workers 1,2] [--repeat 3]``
 
 Builds a sample warehouse of one pair (all 667 tables) at ``--rows``, then times, each
 in its own process:
@@ -12,7 +12,7 @@ in its own process:
 Prints wall time, CPU time (user + system) and the cores it kept busy on average (CPU
 over wall), peak RSS, and the ratio of each extract run to the bare loop with the same
 number of workers. A run that keeps every core busy with one worker cannot gain from a
-second.
+second. With ``--repeat``, rounds of every run take turns and medians follow.
 """
 from __future__ import annotations
 
@@ -52,6 +52,30 @@ def copy_loop(warehouse: str, pair: str, out: str, workers: int) -> None:
         list(pool.map(run, enumerate(plan.tasks)))
 
 
+def _trial(kind: str, workers: int, warehouse: str, work: str, args) -> dict:
+    """One measured run of the copy loop or the extract job, into a folder removed after."""
+    from bench.merge import _isolated
+
+    out = os.path.join(work, f"{kind}{workers}")
+    if kind == "copy":
+        cmd = [sys.executable, "-m", "bench.extract", "--copy-loop", warehouse, args.pair, out,
+               str(workers)]
+    else:
+        cmd = [sys.executable, "-m", "pipelines.extract", "--pair", args.pair,
+               "--source", f"duckdb://{warehouse}", "--checkpoint-root", out,
+               f"--direct_num_workers={workers}", f"--direct_running_mode={args.running_mode}"]
+    r = _isolated(cmd, args.cap_seconds, 1 << 40)
+    shutil.rmtree(out, ignore_errors=True)
+    return r
+
+
+def _line(kind: str, workers: int, r: dict, base: dict | None) -> str:
+    """A run's row; its ratio to ``base`` (a copy loop with as many workers) when given."""
+    name = f"copy loop, {workers} threads" if kind == "copy" else f"extract, {workers} workers"
+    ratio = f"{r['wall'] / base['wall']:.2f}" if base and base["wall"] and r["code"] == 0 else "-"
+    return f"{name:>24} {_figures(r)} {ratio:>12}  {'ok' if r['code'] == 0 else r['error']}"
+
+
 def _figures(r: dict) -> str:
     """Wall, CPU, cores busy and peak RSS columns of one measured run."""
     cores = r["cpu"] / r["wall"] if r["wall"] else 0.0
@@ -70,12 +94,19 @@ def main(argv=None) -> int:
     p.add_argument("--running-mode", default="multi_threading",
                    choices=("multi_threading", "multi_processing", "in_memory"),
                    help="the DirectRunner's --direct_running_mode for the extract runs")
+    p.add_argument("--runs", default="copy,extract",
+                   help="comma list of copy (the bare COPY loop) and extract")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of every run, taken in turns; medians are printed after")
     args = p.parse_args(argv)
-    from bench.merge import _isolated
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    from bench.merge import _summary
     from pipelines.sample import build_warehouse
 
     work = args.work or tempfile.mkdtemp(prefix="bqx-bench-extract-")
-    print(f"machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+          f"load average at start {os.getloadavg()[0]:.1f}")
     print(f"command: python -m bench.extract {' '.join(sys.argv[1:] if argv is None else argv)}")
     try:
         warehouse = os.path.join(work, "w.duckdb")
@@ -84,24 +115,24 @@ def main(argv=None) -> int:
             build_warehouse(warehouse, [args.pair], rows=args.rows, seed=0)
             print(f"sample warehouse: {args.rows} rows, {time.monotonic() - started:.0f} s")
         print(f"extract runs: DirectRunner, {args.running_mode}")
-        print(f"{'run':>24} {'wall s':>8} {'CPU s':>7} {'cores':>6} {'peak RSS GiB':>13} "
-              f"{'x copy loop':>12}  result", flush=True)
-        for workers in [int(w) for w in args.workers.split(",")]:
-            out = os.path.join(work, f"copy{workers}")
-            base = _isolated([sys.executable, "-m", "bench.extract", "--copy-loop", warehouse,
-                              args.pair, out, str(workers)], args.cap_seconds, 1 << 40)
-            print(f"{f'copy loop, {workers} threads':>24} {_figures(base)} "
-                  f"{'1.00':>12}  {'ok' if base['code'] == 0 else base['error']}", flush=True)
-            shutil.rmtree(out, ignore_errors=True)
-            ck = os.path.join(work, f"ck{workers}")
-            run = _isolated([sys.executable, "-m", "pipelines.extract", "--pair", args.pair,
-                             "--source", f"duckdb://{warehouse}", "--checkpoint-root", ck,
-                             f"--direct_num_workers={workers}",
-                             f"--direct_running_mode={args.running_mode}"], args.cap_seconds, 1 << 40)
-            ratio = run["wall"] / base["wall"] if base["wall"] else float("nan")
-            print(f"{f'extract, {workers} workers':>24} {_figures(run)} "
-                  f"{ratio:>12.2f}  {'ok' if run['code'] == 0 else run['error']}", flush=True)
-            shutil.rmtree(ck, ignore_errors=True)
+        header = (f"{'run':>24} {'wall s':>8} {'CPU s':>7} {'cores':>6} {'peak RSS GiB':>13} "
+                  f"{'x copy loop':>12}  result")
+        print(header, flush=True)
+        kinds = [k for k in ("copy", "extract") if k in args.runs.split(",")]
+        trials: dict[tuple[str, int], list[dict]] = {}
+        # Rounds taken in turns, so that a slow spell of a shared machine falls on all.
+        for _ in range(args.repeat):
+            for workers in [int(w) for w in args.workers.split(",")]:
+                for kind in kinds:
+                    r = _trial(kind, workers, warehouse, work, args)
+                    trials.setdefault((kind, workers), []).append(r)
+                    base = trials.get(("copy", workers), [None])[-1]
+                    print(_line(kind, workers, r, base), flush=True)
+        if args.repeat > 1:
+            print(f"\nmedians of {args.repeat} runs each (peak RSS: the highest)\n{header}")
+            for (kind, workers), runs in trials.items():
+                base = _summary(trials[("copy", workers)]) if ("copy", workers) in trials else None
+                print(_line(kind, workers, _summary(runs), base), flush=True)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
