@@ -139,7 +139,7 @@ def main(argv=None) -> int:
                 for run in runs:
                     if trials[run] and trials[run][-1]["code"] != 0:
                         continue  # killed or failed once: no point repeating it
-                    r = _trial(run, rows, root, work, args, cap_rss, measure=not trials[run])
+                    r = _trial(run, rows, root, work, args, cap_rss, measure_output=not trials[run])
                     trials[run].append(r)
                     if args.repeat > 1:
                         print(f"{'':>16} {run} run {len(trials[run])}: {r['wall']:.1f} s", flush=True)
@@ -163,14 +163,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def _trial(run: str, rows: int, root: str, work: str, args, cap_rss: int, measure: bool) -> dict:
-    """One measured run; with ``measure``, also its output's read speed and size."""
+def _trial(run: str, rows: int, root: str, work: str, args, cap_rss: int,
+           measure_output: bool) -> dict:
+    """One measured run; with ``measure_output``, also its output's read speed and size."""
     out = os.path.join(work, f"out{rows}_{run}.parquet")
     # The cap stops anchors that never finish; the project's methods must.
     cap = args.cap_seconds if run in ANCHORS else max(args.cap_seconds, 7200)
     r = _isolated(command_for(run, root, args.pair, out, args.memory_budget), cap, cap_rss)
     r.update(rows=rows, run=run, file=os.path.getsize(out) if os.path.exists(out) else None)
-    if measure and run in METHODS and r["code"] == 0:
+    if measure_output and run in METHODS and r["code"] == 0:
         from bench.read import measure, polars_size
         r["read"] = measure(out)
         if run == METHODS[0]:  # the methods write the same bytes (tests/test_determinism.py)

@@ -11,8 +11,7 @@ real ones do (the workload notes: a 177,748-row training file was 9.27 GB of par
 measures 0.74 GiB of snappy checkpoints (0.58) and a 0.59 GiB zstd training file (0.46).
 15% of float columns hold a few levels (regimes, counts), 40% are price-like random
 walks quoted to 5 decimals, the rest noisy indicators to 6 decimals; most start with a
-NULL warm-up of a rolling window's length (45 to 2,880 minutes). (Random normals, used
-before, barely compress: 100,000 rows needed 26 GB of disk.)
+NULL warm-up of a rolling window's length (45 to 2,880 minutes).
 """
 from __future__ import annotations
 

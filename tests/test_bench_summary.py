@@ -16,3 +16,14 @@ def test_repeated_runs_give_medians_the_range_and_the_highest_peak():
 def test_a_killed_run_makes_the_row_its_failure():
     r = _summary([_trial(1.0), _trial(9.0, code=-9, killed="killed at 180 s")])
     assert r["code"] == -9 and _row(r).endswith("killed at 180 s")
+
+
+def test_repeat_below_one_is_refused_with_a_usage_error(capsys):
+    import pytest
+
+    from bench import extract, merge
+
+    for main in (merge.main, extract.main):
+        with pytest.raises(SystemExit) as exc:
+            main(["--repeat", "0"])
+        assert exc.value.code == 2 and "--repeat must be at least 1" in capsys.readouterr().err

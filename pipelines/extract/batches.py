@@ -3,9 +3,9 @@
 Two costs grow with the number of tasks, not with the data, and batches cut both:
 
 - Beam embeds a ``Create``'s elements in the pipeline graph, which it pickles and
-  compresses with bz2 (level 9) several times while translating it. 668 plain
-  ShardTasks are 3.3 MB (mostly their SQL): 2 s of a 20 s extraction went there. A
-  :class:`TaskBatch` holds its tasks as one zlib-compressed pickle, ~10x smaller.
+  compresses with bz2 (level 9) several times while translating it, and a task is
+  mostly its SQL text. A :class:`TaskBatch` holds its tasks as one zlib-compressed
+  pickle, where the repeated SQL compresses well.
 - Every task's counts are a query of their own: a round trip to DuckDB, a query job on
   BigQuery. :func:`batch_counts` asks a batch's counts in one query, each task's own
   count query being one of its subqueries (:func:`pipelines.sql.count_batch`), so

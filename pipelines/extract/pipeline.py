@@ -177,12 +177,12 @@ def _parallelism(options: PipelineOptions) -> int:
 
 def _run_and_collect(options: PipelineOptions, plan: ExtractionPlan, todo: list, source_url: str,
                      runner: str, folder: str | None) -> list[str]:
-    workers = options.view_as(DirectOptions).direct_num_workers
+    workers = _parallelism(options)
     with cli.stage("extract", runner=runner, workers=workers, tasks=len(todo)):
         p = beam.Pipeline(options=options)
         records, failed = build_pipeline(p, todo, source_url, plan.key,
                                          options.view_as(ExtractOptions).on_duplicate_keys,
-                                         _parallelism(options))
+                                         workers)
         if folder:
             failed | "CollectFailures" >> beam.ParDo(_Collect(os.path.join(folder, "failures.txt")))
             (records | "WrittenLines" >> beam.Map(_written_line)

@@ -184,7 +184,7 @@ class ExtractShardFn(beam.DoFn):
 
     Within an element, shards are written (encoded, checksummed, fsynced: mostly
     outside the GIL) by WRITERS threads per instance while the next ones are read from
-    the source: writing takes about twice as long as reading. At most WRITERS shards
+    the source. At most WRITERS shards
     wait to be written, records are emitted in task order, and every write has ended
     when ``process`` returns, so a bundle's side effects are complete when it is.
     """

@@ -203,9 +203,9 @@ def _count_values(table: pa.Table, first: int, nulls: np.ndarray, infs: np.ndarr
 
 @contextlib.contextmanager
 def _without_cyclic_gc():
-    """Pause Python's cyclic garbage collector: decoding ~17,000 column chunks' footer
-    entries per row group makes enough objects to trigger collections over and over
-    (visible in CPU profiles of the merge), and the merge makes no reference cycles."""
+    """Pause Python's cyclic garbage collector: decoding the encoded pieces' footers and
+    the per-column calls make enough short-lived objects to trigger collections over
+    and over, and the merge makes no reference cycles for them to find."""
     enabled = gc.isenabled()
     gc.disable()
     try:
