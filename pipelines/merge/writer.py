@@ -190,12 +190,15 @@ class TrainingFileWriter:
             raise ValueError(f"{table.num_rows} rows for a row group of {group[_RG_ROWS][1]}")
         pieces = _pieces(table.cast(expected), self._threads * PIECES_PER_THREAD)
         if self._pool is None:
-            encoded = [_encode_piece(piece, self.key) for piece in pieces]
+            encoded = (_encode_piece(piece, self.key) for piece in pieces)
         else:
-            encoded = list(self._pool.map(_encode_piece, pieces, [self.key] * len(pieces)))
+            # Taken in order as they come: a piece is appended (a write, a checksum,
+            # its footer entries) while the encoders compress the pieces after it.
+            encoded = self._pool.map(_encode_piece, pieces, [self.key] * len(pieces))
         del pieces
         for data, meta, footer_start in encoded:
             self._append(group, data, meta, footer_start)
+            del data
         self._next_column += table.num_columns
 
     def _append(self, group: dict, data: pa.Buffer, meta: dict, footer_start: int) -> None:
