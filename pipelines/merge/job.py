@@ -270,11 +270,16 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
                     cursor.skip(count)
                 continue
             keys = spine.select([key])
-            pending = background.submit(writer.begin_row_group, spine.num_rows)
+            group_rows = spine.num_rows
+            pending = background.submit(writer.begin_row_group, group_rows)
             for batch in batches:
                 base = spine if batch[0] == 0 else keys
+                # The targets go out with the first batch, which has the spine; the
+                # others join on its keys alone, so its targets are not kept for them.
+                spine = None
                 parts = (cursors[i].read_shards(count) for i in batch if i != 0)
                 table = joiner.join(base, parts)
+                del base
                 if batch[0] != 0:
                     table = table.drop_columns([key])
                 _count_values(table, starts[batch[0]], nulls, infs)
@@ -285,7 +290,7 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
                 progress.update(done)
             pending.result()
             pending = background.submit(writer.end_row_group)
-            rows += spine.num_rows
+            rows += group_rows
         pending.result()
         writer.close()
     finally:
