@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
-    from bench.merge import _summary
+    from bench.merge import summarize_trials
     from pipelines.sample import build_warehouse
 
     work = args.work or tempfile.mkdtemp(prefix="bqx-bench-extract-")
@@ -131,8 +131,8 @@ def main(argv=None) -> int:
         if args.repeat > 1:
             print(f"\nmedians of {args.repeat} runs each (peak RSS: the highest)\n{header}")
             for (kind, workers), runs in trials.items():
-                base = _summary(trials[("copy", workers)]) if ("copy", workers) in trials else None
-                print(_line(kind, workers, _summary(runs), base), flush=True)
+                base = summarize_trials(trials[("copy", workers)]) if ("copy", workers) in trials else None
+                print(_line(kind, workers, summarize_trials(runs), base), flush=True)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

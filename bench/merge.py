@@ -145,7 +145,7 @@ def main(argv=None) -> int:
                         print(f"{'':>16} {run} run {len(trials[run])}: {r['wall']:.1f} s", flush=True)
             floor_wall = None
             for run in runs:
-                r = _summary(trials[run])
+                r = summarize_trials(trials[run])
                 if run == "floor" and r["code"] == 0:
                     floor_wall = r["wall"]
                 r["ratio"] = r["wall"] / floor_wall if floor_wall and r["code"] == 0 else None
@@ -183,7 +183,7 @@ def _trial(run: str, rows: int, root: str, work: str, args, cap_rss: int,
     return r
 
 
-def _summary(trials: list[dict]) -> dict:
+def summarize_trials(trials: list[dict]) -> dict:
     """One row from a run's trials: median wall and CPU time, highest peak RSS; a failed
     or killed trial makes the row that failure."""
     failed = [t for t in trials if t["code"] != 0]

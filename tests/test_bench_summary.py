@@ -1,5 +1,5 @@
 """How the benchmarks fold repeated runs into one row (bench/merge.py)."""
-from bench.merge import _row, _summary
+from bench.merge import _row, summarize_trials
 
 
 def _trial(wall, cpu=1.0, rss=100, code=0, killed=None):
@@ -8,13 +8,13 @@ def _trial(wall, cpu=1.0, rss=100, code=0, killed=None):
 
 
 def test_repeated_runs_give_medians_the_range_and_the_highest_peak():
-    r = _summary([_trial(3.0, 2.0, 100), _trial(1.0, 9.0, 300), _trial(2.0, 4.0, 200)])
+    r = summarize_trials([_trial(3.0, 2.0, 100), _trial(1.0, 9.0, 300), _trial(2.0, 4.0, 200)])
     assert (r["wall"], r["cpu"], r["rss"], r["walls"]) == (2.0, 4.0, 300, [1.0, 2.0, 3.0])
     assert _row(r).endswith("ok; median of 3, wall 1.0-3.0 s")
 
 
 def test_a_killed_run_makes_the_row_its_failure():
-    r = _summary([_trial(1.0), _trial(9.0, code=-9, killed="killed at 180 s")])
+    r = summarize_trials([_trial(1.0), _trial(9.0, code=-9, killed="killed at 180 s")])
     assert r["code"] == -9 and _row(r).endswith("killed at 180 s")
 
 
