@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -17,6 +19,38 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def kill_module_when(module: str, args: list[str], ready, timeout: float = 120.0,
+                     poll: float = 0.02) -> None:
+    """Start ``python -m module args`` and SIGKILL it as soon as ``ready()`` holds (or it
+    ended, or ``timeout`` passed): a crash at an arbitrary point, as a preempted job sees."""
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(poll)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def commit_records(root: str) -> list[str]:
+    """The extraction's commit records under ``root``, one per finished shard."""
+    from pipelines import storage
+
+    try:
+        return [p for p in storage.list_files(root) if p.endswith(".json") and "manifests" not in p]
+    except FileNotFoundError:
+        return []
+
+
+def manifest_content(root: str, pair: str) -> list:
+    """A committed extraction's tables, each with its shards' paths, CRC32C and rows."""
+    from pipelines import checkpoints
+
+    manifest = checkpoints.load_manifest(root, pair)
+    return [(t["table"], [(s["path"], s["crc32c"], s["rows"]) for s in t["shards"]])
+            for t in manifest.tables]
 
 
 @pytest.fixture(scope="session")

@@ -3,16 +3,11 @@
 The same GoogleSQL run on the BigQuery emulator and on the embedded DuckDB warehouse must
 give the same checkpoints and the same training file.
 """
-import signal
-import subprocess
-import sys
-import time
-
 import pyarrow.parquet as pq
 import pytest
 
 from bigquery_warehouse import PAIR, bq_warehouse  # noqa: F401 (fixture)
-from conftest import ROOT, run_module
+from conftest import commit_records, kill_module_when, manifest_content, run_module
 from emulators import BUCKET, bq_emulator, gcs_emulator  # noqa: F401 (fixtures)
 from pipelines import checkpoints, storage
 from pipelines.validate import validate_file
@@ -27,13 +22,7 @@ def _extract_args(source, root):
 
 
 def _content(root):
-    manifest = checkpoints.load_manifest(root, PAIR)
-    return [(t["table"], [(s["path"], s["crc32c"], s["rows"]) for s in t["shards"]])
-            for t in manifest.tables]
-
-
-def _records(root):
-    return [p for p in storage.list_files(root) if p.endswith(".json") and "manifests" not in p]
+    return manifest_content(root, PAIR)
 
 
 def _raw_names(prefix):
@@ -105,18 +94,10 @@ def test_bigquery_checkpoints_and_training_file_equal_the_duckdb_ones(
 
 def test_killed_extraction_in_bucket_resumes(cloud_extracted, bq_warehouse):
     root = f"gs://{BUCKET}/ck-killed"
-    total = len(_records(CK))
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.extract",
-                             *_extract_args(bq_warehouse["source"], root)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while len(_records(root)) < 3 and time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(_records(root))
+    total = len(commit_records(CK))
+    kill_module_when("pipelines.extract", _extract_args(bq_warehouse["source"], root),
+                     lambda: len(commit_records(root)) >= 3, poll=0.05)
+    done = len(commit_records(root))
     assert 0 < done < total, f"the kill should land mid-run ({done}/{total} shards)"
     assert not checkpoints.find_windows(root, PAIR), "no success marker before the end"
     # Nothing partial under a final name: no temporary objects, every shard reads whole.

@@ -1,13 +1,10 @@
 """An extraction killed mid-run resumes to the same content as an uninterrupted one."""
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import ROOT, run_module
+from conftest import commit_records, kill_module_when, manifest_content, run_module
 from pipelines import checkpoints, storage
 
 PAIR = "eurusd"
@@ -27,36 +24,19 @@ def _extract_args(warehouse, root):
             "--shard-days", "1", "--direct_num_workers", "2"]
 
 
-def _records(root):
-    try:
-        return [p for p in storage.list_files(root) if p.endswith(".json") and "manifests" not in p]
-    except FileNotFoundError:
-        return []
-
-
 def _content(root):
-    manifest = checkpoints.load_manifest(root, PAIR)
-    return [(t["table"], [(s["path"], s["crc32c"], s["rows"]) for s in t["shards"]])
-            for t in manifest.tables]
+    return manifest_content(root, PAIR)
 
 
 def test_killed_extraction_resumes_to_identical_checkpoints(long_warehouse, tmp_path):
     clean = str(tmp_path / "clean")
     assert run_module("pipelines.extract", *_extract_args(long_warehouse, clean)).returncode == 0
-    total = len(_records(clean))
+    total = len(commit_records(clean))
 
     resumed = str(tmp_path / "resumed")
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.extract",
-                             *_extract_args(long_warehouse, resumed)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while len(_records(resumed)) < max(3, total // 4) and time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(_records(resumed))
+    kill_module_when("pipelines.extract", _extract_args(long_warehouse, resumed),
+                     lambda: len(commit_records(resumed)) >= max(3, total // 4))
+    done = len(commit_records(resumed))
     assert 0 < done < total, f"the kill should land mid-run ({done}/{total} shards)"
     assert not checkpoints.find_windows(resumed, PAIR), "no success marker before the end"
     # Every shard under a final name is complete: its parquet footer reads.
