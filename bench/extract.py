@@ -54,7 +54,7 @@ def copy_loop(warehouse: str, pair: str, out: str, workers: int) -> None:
 
 def _trial(kind: str, workers: int, warehouse: str, work: str, args) -> dict:
     """One measured run of the copy loop or the extract job, into a folder removed after."""
-    from bench.merge import _isolated
+    from bench.merge import run_isolated
 
     out = os.path.join(work, f"{kind}{workers}")
     if kind == "copy":
@@ -64,7 +64,7 @@ def _trial(kind: str, workers: int, warehouse: str, work: str, args) -> dict:
         cmd = [sys.executable, "-m", "pipelines.extract", "--pair", args.pair,
                "--source", f"duckdb://{warehouse}", "--checkpoint-root", out,
                f"--direct_num_workers={workers}", f"--direct_running_mode={args.running_mode}"]
-    r = _isolated(cmd, args.cap_seconds, 1 << 40)
+    r = run_isolated(cmd, args.cap_seconds, 1 << 40)
     shutil.rmtree(out, ignore_errors=True)
     return r
 

@@ -67,7 +67,9 @@ def run_measured(cmd: list[str], cap_seconds: float, cap_rss: int) -> dict:
             "error": "" if proc.returncode == 0 or killed else (errors or lines or [""])[-1][:200]}
 
 
-def _isolated(cmd: list[str], cap_seconds: float, cap_rss: int) -> dict:
+def run_isolated(cmd: list[str], cap_seconds: float, cap_rss: int) -> dict:
+    """:func:`run_measured` in a fresh process of its own, so that the peak RSS it reads
+    (getrusage of its children) is ``cmd``'s alone."""
     probe = [sys.executable, "-c",
              "import sys, json; from bench.merge import run_measured; "
              "print(json.dumps(run_measured(json.loads(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]))))",
@@ -169,7 +171,7 @@ def _trial(run: str, rows: int, root: str, work: str, args, cap_rss: int,
     out = os.path.join(work, f"out{rows}_{run}.parquet")
     # The cap stops anchors that never finish; the project's methods must.
     cap = args.cap_seconds if run in ANCHORS else max(args.cap_seconds, 7200)
-    r = _isolated(command_for(run, root, args.pair, out, args.memory_budget), cap, cap_rss)
+    r = run_isolated(command_for(run, root, args.pair, out, args.memory_budget), cap, cap_rss)
     r.update(rows=rows, run=run, file=os.path.getsize(out) if os.path.exists(out) else None)
     if measure_output and run in METHODS and r["code"] == 0:
         from bench.read import measure, polars_size
