@@ -198,7 +198,7 @@ class TrainingFileWriter:
         del pieces
         for data, meta, footer_start in encoded:
             self._append(group, data, meta, footer_start)
-            del data
+            del data  # written: not kept while the next piece is awaited
         self._next_column += table.num_columns
 
     def _append(self, group: dict, data: pa.Buffer, meta: dict, footer_start: int) -> None:
