@@ -1,0 +1,122 @@
+"""``python -m bench.phases --rows 20000 [--work DIR] [--keep]``: where a merge's time goes.
+
+Writes a full-width synthetic pair (bench/synthetic.py; reused when ``--work`` already
+holds ``ck{rows}``, the layout ``bench.merge`` uses), then runs one ``polars`` merge in
+this process with its phases wrapped by timers. For each phase it prints the calls, the
+wall time summed over them and the CPU time of the threads that ran them
+(``time.thread_time``). Phases overlap: the main thread reads and joins the next column
+batch while the writer thread appends the last one and the encoding threads compress its
+pieces, so the wall times add up to more than the run. Work a library does on threads
+of its own (Polars' join) is not in any phase's CPU; it is in the process total.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+
+# (module, owner, attribute, label, thread): the calls timed, in the merge's order. The
+# "of which" rows run inside the row above them.
+PHASES = (
+    ("pipelines.checkpoints", None, "verify_checkpoints", "preflight: footers and schemas", "main"),
+    ("pipelines.merge.reader", "ShardCursor", "read_shards", "read shards (CRC32C, decode, checks)", "main"),
+    ("pipelines.merge.join_polars", "PolarsJoin", "join", "join, with the reads above", "main"),
+    ("pipelines.merge.job", None, "_count_values", "count NULLs and infinities", "main"),
+    ("pipelines.merge.writer", None, "_encode_piece", "encode pieces", "encoders"),
+    ("pipelines.merge.writer", None, "read_footer", "  of which: decode their footers", "encoders"),
+    ("pipelines.merge.writer", "TrainingFileWriter", "write_columns", "write column batches", "writer"),
+    ("pipelines.merge.writer", "TrainingFileWriter", "_append", "  of which: append pieces", "writer"),
+    ("pipelines.merge.writer", "TrainingFileWriter", "_emit", "    of which: write and checksum bytes", "writer"),
+    ("pipelines.merge.thrift_compact", None, "encode_value", "    of which: encode footer entries", "writer"),
+    ("pipelines.merge.job", None, "validate_file", "validate the file", "main"),
+)
+
+
+def _wrap(totals: dict, module: str, owner: str | None, name: str, label: str):
+    """Time every call of ``module.owner.name`` into ``totals[label]``; returns a
+    function that puts the original back."""
+    import importlib
+
+    target = importlib.import_module(module)
+    if owner:
+        target = getattr(target, owner)
+    inner = getattr(target, name)
+
+    def timed(*args, **kwargs):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            entry = totals[label]
+            entry[0] += 1
+            entry[1] += time.perf_counter() - wall
+            entry[2] += time.thread_time() - cpu
+
+    setattr(target, name, timed)
+    return lambda: setattr(target, name, inner)
+
+
+def profile_merge(root: str, pair: str, output: str) -> tuple[dict, float, float, float]:
+    """Merge ``root``'s extraction of ``pair`` into ``output`` with the phases timed;
+    returns {label: [calls, wall s, CPU s]}, the run's wall and CPU seconds and its peak
+    RSS in bytes."""
+    from pipelines.merge import job
+
+    totals: dict = defaultdict(lambda: [0, 0.0, 0.0])
+    restore = [_wrap(totals, module, owner, name, label)
+               for module, owner, name, label, _thread in PHASES]
+    try:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        started = time.perf_counter()
+        code = job.run(["--pair", pair, "--method", "polars", "--checkpoint-root", root,
+                        "--output", output, "--overwrite"])
+        wall = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        for undo in restore:
+            undo()
+    if code != 0:
+        raise SystemExit(f"the merge exited {code}")
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return dict(totals), wall, cpu, after.ru_maxrss * 1024
+
+
+def main(argv=None) -> int:
+    """Generate (or reuse) the data, profile one merge, print the phases."""
+    p = argparse.ArgumentParser(prog="python -m bench.phases", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=20000, help="spine rows (default 20000)")
+    p.add_argument("--pair", default="eurusd")
+    p.add_argument("--work", help="folder for the data (default: a temp folder)")
+    p.add_argument("--keep", action="store_true", help="keep the generated data")
+    args = p.parse_args(argv)
+    work = args.work or tempfile.mkdtemp(prefix="bqx-bench-phases-")
+    root = os.path.join(work, f"ck{args.rows}")
+    output = os.path.join(work, f"phases{args.rows}.parquet")
+    try:
+        if not os.path.isdir(root):
+            from bench.synthetic import make_checkpoints
+            make_checkpoints(root, args.pair, args.rows, log=lambda *a: None)
+        totals, wall, cpu, rss = profile_merge(root, args.pair, output)
+        print(f"\nmerge of {args.rows} rows: {wall:.1f} s wall, {cpu:.1f} CPU s "
+              f"({cpu / wall:.2f} cores busy), peak RSS {rss / 2**30:.2f} GiB")
+        print(f"{'phase':<42} {'thread':>8} {'calls':>7} {'wall s':>8} {'CPU s':>7}")
+        for _module, _owner, _name, label, thread in PHASES:
+            calls, phase_wall, phase_cpu = totals.get(label, (0, 0.0, 0.0))
+            print(f"{label:<42} {thread:>8} {calls:>7} {phase_wall:>8.2f} {phase_cpu:>7.2f}")
+    finally:
+        from pipelines.validate import default_report_path
+        for leftover in (output, default_report_path(output)):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+        if not args.keep:
+            shutil.rmtree(root if args.work else work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
