@@ -4,9 +4,9 @@ Writes a full-width synthetic pair (bench/synthetic.py; reused when ``--work`` a
 holds ``ck{rows}``, the layout ``bench.merge`` uses), then runs one ``polars`` merge in
 this process with its phases wrapped by timers. For each phase it prints the calls, the
 wall time summed over them and the CPU time of the threads that ran them
-(``time.thread_time``). Phases overlap: the main thread reads and joins the next column
-batch while the writer thread appends the last one and the encoding threads compress its
-pieces, so the wall times add up to more than the run. Work a library does on threads
+(``time.thread_time``). Phases overlap: the main thread joins the next column batch as
+reader threads read its tables, while the appending thread appends the last batch and
+the encoding threads compress its pieces, so the wall times add up to more than the run. Work a library does on threads
 of its own (Polars' join) is not in any phase's CPU; it is in the process total.
 """
 from __future__ import annotations
@@ -23,15 +23,16 @@ from collections import defaultdict
 # "of which" rows run inside the row above them.
 PHASES = (
     ("pipelines.checkpoints", None, "verify_checkpoints", "preflight: footers and schemas", "main"),
-    ("pipelines.merge.reader", "ShardCursor", "read_shards", "read shards (CRC32C, decode, checks)", "main"),
-    ("pipelines.merge.join_polars", "PolarsJoin", "join", "join, with the reads above", "main"),
+    ("pipelines.merge.reader", "ShardCursor", "read_shards", "read shards (CRC32C, decode, checks)", "readers"),
+    ("pipelines.merge.join_polars", "PolarsJoin", "join", "join, waiting for the reads above", "main"),
     ("pipelines.merge.job", None, "_count_values", "count NULLs and infinities", "main"),
+    ("pipelines.merge.writer", "TrainingFileWriter", "write_columns", "hand batches over, wait for the last", "main"),
     ("pipelines.merge.writer", None, "_encode_piece", "encode pieces", "encoders"),
     ("pipelines.merge.writer", None, "read_footer", "  of which: decode their footers", "encoders"),
-    ("pipelines.merge.writer", "TrainingFileWriter", "write_columns", "write column batches", "writer"),
-    ("pipelines.merge.writer", "TrainingFileWriter", "_append", "  of which: append pieces", "writer"),
-    ("pipelines.merge.writer", "TrainingFileWriter", "_emit", "    of which: write and checksum bytes", "writer"),
-    ("pipelines.merge.thrift_compact", None, "encode_value", "    of which: encode footer entries", "writer"),
+    ("pipelines.merge.writer", "TrainingFileWriter", "_append_batch", "append column batches", "appender"),
+    ("pipelines.merge.writer", "TrainingFileWriter", "_append", "  of which: append pieces", "appender"),
+    ("pipelines.merge.writer", "TrainingFileWriter", "_emit", "    of which: write and checksum bytes", "appender"),
+    ("pipelines.merge.thrift_compact", None, "encode_value", "    of which: encode footer entries", "appender"),
     ("pipelines.merge.job", None, "validate_file", "validate the file", "main"),
 )
 

@@ -140,6 +140,9 @@ def test_polars_merge_into_a_bucket_succeeds_with_ten_percent_of_requests_failin
         faulty_extract, proxies, tmp_path):
     assert faulty_extract["proc"].returncode == 0
     proxies.gcs.inject(RATE, seed=7)
+    # And for sure (the merge reads on several threads, so which request meets which
+    # random fault varies): the upload session is opened but the response is lost.
+    proxies.gcs.lose(method="POST", path=r"^/upload/", times=1)
     proc, seconds = _timed("pipelines.merge", "--pair", PAIR, "--method", "polars",
                            "--checkpoint-root", CK, "--output", OUT,
                            env={**proxies.env, **RETRY_FAST})

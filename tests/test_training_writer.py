@@ -187,3 +187,26 @@ def test_a_file_that_is_not_the_bytes_written_is_not_published(extracted, tmp_pa
         job.merge(manifest, str(out), "polars", 1536 << 20)
     assert not out.exists() and not os.path.exists(default_report_path(str(out)))
     assert not [n for n in os.listdir(out.parent) if storage.TEMP_MARK in n]
+
+
+def test_a_failure_behind_the_caller_is_raised_by_its_next_call():
+    """Batches are appended on the writer's own thread. A sink that breaks there (a
+    pipe whose reader went away: EPIPE) fails the caller's next call, and nothing more
+    is written after it."""
+    import os
+
+    table = _table(2000)
+    read_end, write_end = os.pipe()
+    sink = os.fdopen(write_end, "wb", buffering=0)
+    writer = TrainingFileWriter(sink, table.schema, {}, threads=2)
+    os.close(read_end)
+    writer.begin_row_group(2000)
+    writer.write_columns(table.select(list(range(0, 20))))  # accepted; fails behind
+    with pytest.raises(BrokenPipeError):
+        writer.write_columns(table.select(list(range(20, 43))))
+    written = writer.nbytes
+    with pytest.raises(BrokenPipeError):
+        writer.end_row_group()
+    writer.discard()
+    assert writer.nbytes == written == 4  # only the magic reached the pipe
+    sink.close()

@@ -20,7 +20,7 @@ from pipelines import checkpoints, cli, storage
 from pipelines.checkpoints import Manifest
 from pipelines.errors import PipelineError
 from pipelines.merge import budget as budgets
-from pipelines.merge.reader import ShardCursor
+from pipelines.merge.reader import ShardCursor, read_ahead
 from pipelines.merge.writer import TrainingFileWriter
 from pipelines.validate import ColumnCounts, KeyDigest, default_report_path, validate_file
 from pipelines.window import window_from_options
@@ -31,6 +31,11 @@ METHODS = ("polars", "duckdb", "bigquery")
 # Methods that run the window join here; "bigquery" issues BigQuery jobs instead
 # (pipelines/merge/bigquery.py).
 LOCAL_METHODS = ("polars", "duckdb")
+# Tables of a column batch read ahead of the one being joined, and the threads reading
+# them: without them the encoders went idle whenever a batch of many small tables took
+# longer to read than the last batch to encode.
+READ_AHEAD = 2
+READ_THREADS = 2
 
 
 def joiner_class(method: str):
@@ -256,12 +261,10 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
     starts = np.concatenate([[0], np.cumsum(widths)]).tolist()
     check_columns = sorted({schema.names[p] for b in batches
                             for p in (starts[b[0]], starts[b[-1] + 1] - 1)}, key=schema.names.index)
-    # Batch k is encoded and written on a background thread (pyarrow releases the GIL)
+    # Batch k is encoded and written behind the main thread (pyarrow releases the GIL)
     # while batch k+1 is read and joined: two batches are alive at once, which the
-    # budget model counts (budget.BATCH_COPIES). Every writer call goes through that
-    # one thread, so they stay in order.
-    background = ThreadPoolExecutor(1, thread_name_prefix="merge-writer")
-    pending = background.submit(lambda: None)
+    # budget model counts (budget.BATCH_COPIES).
+    readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="merge-reader")
     try:
         for count in groups:
             spine = cursors[0].read_shards(count)
@@ -271,30 +274,28 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
                 continue
             keys = spine.select([key])
             group_rows = spine.num_rows
-            pending = background.submit(writer.begin_row_group, group_rows)
+            writer.begin_row_group(group_rows)
             for batch in batches:
                 base = spine if batch[0] == 0 else keys
                 # The targets go out with the first batch, which has the spine; the
                 # others join on its keys alone, so its targets are not kept for them.
                 spine = None
-                parts = (cursors[i].read_shards(count) for i in batch if i != 0)
+                parts = read_ahead(readers, (cursors[i] for i in batch if i != 0), count,
+                                   READ_AHEAD)
                 table = joiner.join(base, parts)
                 del base
                 if batch[0] != 0:
                     table = table.drop_columns([key])
                 _count_values(table, starts[batch[0]], nulls, infs)
-                pending.result()
-                pending = background.submit(writer.write_columns, table)
+                writer.write_columns(table)
                 del table
                 done += 1
                 progress.update(done)
-            pending.result()
-            pending = background.submit(writer.end_row_group)
+            writer.end_row_group()
             rows += group_rows
-        pending.result()
         writer.close()
     finally:
-        background.shutdown(wait=True)
+        readers.shutdown(wait=True, cancel_futures=True)
         writer.discard()
         joiner.close()
         progress.close()

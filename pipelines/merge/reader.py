@@ -9,7 +9,9 @@ no shard stays open between row groups, so 667 tables cost nothing while idle.
 """
 from __future__ import annotations
 
-from typing import Any
+import collections
+from concurrent.futures import Executor
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -110,3 +112,30 @@ class ShardCursor:
             raise PipelineError(f"checkpoint {path} of {self.label} has keys out of order or repeated")
         self._last_key = int(keys[-1])
 
+
+
+def read_ahead(pool: Executor, cursors: Iterable[ShardCursor], count: int,
+               depth: int) -> Iterator[pa.Table]:
+    """Each cursor's next ``count`` shards (:meth:`ShardCursor.read_shards`), in order,
+    read on ``pool`` up to ``depth`` cursors ahead of the one handed out.
+
+    Reading a shard is mostly file reads, checksums and decoding, which release the GIL:
+    while the caller joins one table the next ones are read on the other cores. Only
+    ``depth`` tables are read ahead, so memory grows by those tables, not a batch.
+    """
+    upcoming = iter(cursors)
+    reads: collections.deque = collections.deque()
+    try:
+        for cursor in upcoming:
+            reads.append(pool.submit(cursor.read_shards, count))
+            if len(reads) > depth:
+                yield reads.popleft().result()
+        while reads:
+            yield reads.popleft().result()
+    finally:
+        # On an error (or the caller stopping early) no read may go on behind its back.
+        for read in reads:
+            read.cancel()
+        for read in reads:
+            if not read.cancelled():
+                read.exception()

@@ -12,14 +12,16 @@ row group from one table holding all of its columns.)
 
 A column chunk's bytes depend only on its own column, so a batch can be cut into
 pieces of columns encoded on several threads (pyarrow releases the GIL while it
-compresses) and appended in order: the file is the same, and the encoded bytes alive
-are still one batch's.
+compresses) and appended in order: the file is the same, and only pieces not yet
+appended are held encoded.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 import google_crc32c
@@ -111,6 +113,14 @@ def read_footer(data: pa.Buffer) -> tuple[dict, int]:
     return tc.decode_struct(data[start:len(data) - 8].to_pybytes()), start
 
 
+def _cancel(encoded: collections.deque) -> None:
+    """Cancel the pieces not yet encoded (the others' bytes are dropped)."""
+    for item in encoded:
+        if isinstance(item, Future):
+            item.cancel()
+    encoded.clear()
+
+
 def _shift(fields: dict, ids: tuple[int, ...], by: int) -> None:
     for fid in ids:
         if fid in fields and fields[fid][1] > 0:
@@ -123,17 +133,24 @@ class TrainingFileWriter:
 
     Call ``begin_row_group``, then ``write_columns`` with consecutive column batches of
     the schema (the first starts with the key), then ``end_row_group``; ``close`` writes
-    the footer with the ``bqx.training`` metadata. Only one batch's encoded bytes are in
-    memory at a time; ``threads`` encode pieces of a batch at once (default
-    :func:`encoding_threads`).
+    the footer with the ``bqx.training`` metadata. Each call is checked as it is made.
+
+    Writing happens behind the caller: ``threads`` encode pieces of a batch at once
+    (default :func:`encoding_threads`) and one thread appends them to the file in order.
+    ``write_columns`` returns as soon as the batch before it is written, so the caller
+    can join the next batch meanwhile; two batches at most are in the writer, and an
+    error in the background is raised by the next call.
     """
 
     def __init__(self, sink: str | BinaryIO, schema: pa.Schema, metadata: dict[str, Any],
                  threads: int | None = None):
         self.schema = schema
         self._threads = threads or encoding_threads()
-        self._pool = (ThreadPoolExecutor(self._threads, thread_name_prefix="parquet-encode")
-                      if self._threads > 1 else None)
+        self._encoders = (ThreadPoolExecutor(self._threads, thread_name_prefix="parquet-encode")
+                          if self._threads > 1 else None)
+        self._appender = ThreadPoolExecutor(1, thread_name_prefix="parquet-append")
+        self._appending: Future = self._appender.submit(lambda: None)
+        self._failure: BaseException | None = None
         self.key = schema.names[0]
         self._metadata = json.dumps(metadata, sort_keys=True).encode()
         self._owns_sink = isinstance(sink, str)
@@ -148,8 +165,11 @@ class TrainingFileWriter:
         self._schema_root: dict | None = None
         self._schema_elements: list[tc.Encoded] = []
         self._column_orders: list[tc.Encoded] = []
-        self._group: dict | None = None
+        # The caller's side: the open row group's rows and its next column, to check
+        # each call when it is made. The appending thread has its own (self._group).
+        self._open_rows: int | None = None
         self._next_column = 0
+        self._group: dict | None = None
         self.rows = 0
         self._emit(MAGIC)
 
@@ -168,38 +188,76 @@ class TrainingFileWriter:
         """CRC32C of every byte written so far, as 8 hex digits (as GCS reports it)."""
         return self._crc.digest().hex()
 
+    def _in_order(self, task, *args) -> None:
+        """Run ``task`` on the appending thread after every task before it; after a
+        failure no task runs, and every call raises that failure."""
+        self._raise_failure()
+
+        def run():
+            if self._failure is None:
+                try:
+                    task(*args)
+                except BaseException as exc:
+                    self._failure = exc
+                    raise
+        self._appending = self._appender.submit(run)
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
     def begin_row_group(self, num_rows: int) -> None:
         """Start a row group of ``num_rows`` rows."""
-        if self._group is not None:
+        self._raise_failure()
+        if self._open_rows is not None:
             raise RuntimeError("the previous row group is still open")
+        self._open_rows, self._next_column = num_rows, 0
+        self._in_order(self._begin, num_rows)
+
+    def _begin(self, num_rows: int) -> None:
         self._group = {_RG_COLUMNS: (tc.LIST, (tc.STRUCT, [])), _RG_BYTES: (tc.I64, 0),
                        _RG_ROWS: (tc.I64, num_rows), _RG_COMPRESSED: (tc.I64, 0)}
-        self._next_column = 0
 
     def write_columns(self, table: pa.Table) -> None:
-        """Append the open row group's next columns (all of its rows)."""
-        group = self._group
-        if group is None:
+        """Append the open row group's next columns (all of its rows); returns once
+        the previous batch is written, while this one is encoded and written."""
+        self._raise_failure()
+        if self._open_rows is None:
             raise RuntimeError("write_columns outside a row group")
         expected = pa.schema([self.schema.field(i) for i in
                               range(self._next_column, self._next_column + table.num_columns)])
         if table.schema.names != expected.names:
             raise ValueError(f"columns {table.schema.names[:3]}... do not follow column "
                              f"{self._next_column} of the training schema")
-        if table.num_rows != group[_RG_ROWS][1]:
-            raise ValueError(f"{table.num_rows} rows for a row group of {group[_RG_ROWS][1]}")
+        if table.num_rows != self._open_rows:
+            raise ValueError(f"{table.num_rows} rows for a row group of {self._open_rows}")
         pieces = _pieces(table.cast(expected), self._threads * PIECES_PER_THREAD)
-        if self._pool is None:
-            encoded = (_encode_piece(piece, self.key) for piece in pieces)
-        else:
-            # Taken in order as they come: a piece is appended (a write, a checksum,
-            # its footer entries) while the encoders compress the pieces after it.
-            encoded = self._pool.map(_encode_piece, pieces, [self.key] * len(pieces))
+        # Submitted now, behind the previous batch's pieces: the encoders take this
+        # batch's first pieces while the last of the previous one are still compressing.
+        encoded = collections.deque(
+            self._encoders.submit(_encode_piece, piece, self.key) if self._encoders
+            else functools.partial(_encode_piece, piece, self.key) for piece in pieces)
         del pieces
-        for data, meta, footer_start in encoded:
-            self._append(group, data, meta, footer_start)
-            del data  # written: not kept while the next piece is awaited
+        try:
+            self._appending.result()  # the batch before is written: two at most in here
+        except BaseException:
+            _cancel(encoded)
+            raise
         self._next_column += table.num_columns
+        self._in_order(self._append_batch, encoded)
+
+    def _append_batch(self, encoded: collections.deque) -> None:
+        """Append a batch's pieces in order as each is encoded (a write, a checksum, its
+        footer entries) while the encoders compress the pieces after it."""
+        try:
+            while encoded:
+                item = encoded.popleft()
+                data, meta, footer_start = item.result() if isinstance(item, Future) else item()
+                del item
+                self._append(self._group, data, meta, footer_start)
+                del data  # written: not kept while the next piece is awaited
+        finally:
+            _cancel(encoded)
 
     def _append(self, group: dict, data: pa.Buffer, meta: dict, footer_start: int) -> None:
         """Append an encoded piece's column chunks to the open row group."""
@@ -222,12 +280,16 @@ class TrainingFileWriter:
 
     def end_row_group(self) -> None:
         """Close the open row group; every column must have been written."""
-        group = self._group
-        if group is None or self._next_column != len(self.schema):
+        self._raise_failure()
+        if self._open_rows is None or self._next_column != len(self.schema):
             raise RuntimeError(f"row group closed after {self._next_column} of "
                                f"{len(self.schema)} columns")
-        self._row_groups.append(group)
-        self.rows += group[_RG_ROWS][1]
+        self._open_rows = None
+        self._in_order(self._end)
+
+    def _end(self) -> None:
+        self._row_groups.append(self._group)
+        self.rows += self._group[_RG_ROWS][1]
         self._group = None
 
     def write(self, table: pa.Table) -> None:
@@ -264,20 +326,26 @@ class TrainingFileWriter:
         return template
 
     def _stop_threads(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        if self._encoders is not None:
+            self._encoders.shutdown(wait=True, cancel_futures=True)
+        self._appender.shutdown(wait=True, cancel_futures=True)
 
     def discard(self) -> None:
-        """Close a sink this writer opened, without a footer (after a failure; the
-        caller removes the file). Harmless after :meth:`close`."""
+        """Stop writing and close a sink this writer opened, without a footer (after a
+        failure; the caller removes the file). Harmless after :meth:`close`."""
+        if self._failure is None:
+            self._failure = RuntimeError("the training file was discarded")
         self._stop_threads()
         if self._owns_sink and not self._out.closed:
             self._out.close()
 
     def close(self) -> None:
         """Write the footer and close a sink this writer opened."""
-        if self._group is not None:
+        self._raise_failure()
+        if self._open_rows is not None:
             raise RuntimeError("close with a row group still open")
+        self._appending.result()
+        self._raise_failure()
         self._stop_threads()
         template = self._footer_template()
         template[_FMD_ROWS] = (tc.I64, self.rows)
