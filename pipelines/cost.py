@@ -225,7 +225,9 @@ def bigquery_dry_run(source: str) -> Callable[[str], int]:
 
     def scanned_bytes(pair: str) -> int:
         from pipelines.catalog import load_catalog
+        from pipelines.extract.batches import MAX_BATCH_TASKS
         from pipelines.extract.plan import make_plan
+        from pipelines.sql import count_batch
         from pipelines.sources import open_source
         from pipelines.window import DEFAULT_SHARD_DAYS
 
@@ -233,8 +235,13 @@ def bigquery_dry_run(source: str) -> Callable[[str], int]:
         try:
             plan = make_plan(bq, load_catalog(), pair, None, "gs://dry-run/unused",
                              DEFAULT_SHARD_DAYS, "drop")
-            return sum(bq.dry_run_bytes(t.select_sql) + bq.dry_run_bytes(t.count_sql)
-                       for t in plan.tasks)
+            tasks = plan.tasks
+            # Counts are asked as the job asks them: one query per batch of tasks
+            # (pipelines.extract.batches), so one dry run per batch, not per task.
+            counts = [count_batch([(t.count_sql, t.counts_bad_keys) for t in tasks[i:i + MAX_BATCH_TASKS]])
+                      for i in range(0, len(tasks), MAX_BATCH_TASKS)]
+            return (sum(bq.dry_run_bytes(t.select_sql) for t in tasks)
+                    + sum(bq.dry_run_bytes(query) for query in counts))
         finally:
             bq.close()
 

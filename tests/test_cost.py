@@ -180,14 +180,26 @@ def cost_pairs():
     return load_catalog().pairs
 
 
-def test_dry_run_hook_plans_the_pair_on_bigquery(bq_warehouse, capsys):
+def test_dry_run_hook_plans_the_pair_on_bigquery(bq_warehouse, capsys, monkeypatch):
     """The real hook against the BigQuery emulator: it discovers the pair, dry-runs every
     extraction query and reports the total (the emulator reports 0 bytes per dry run,
     so only the plumbing is proven here)."""
     from pipelines.cost import bigquery_dry_run
 
+    from pipelines.extract.batches import MAX_BATCH_TASKS
+    from pipelines.sources import BigQuerySource
+
+    # Counted, not replaced: every dry run still goes to the emulator.
+    asked = []
+    original = BigQuerySource.dry_run_bytes
+    monkeypatch.setattr(BigQuerySource, "dry_run_bytes",
+                        lambda self, sql: asked.append(sql) or original(self, sql))
     scanned = bigquery_dry_run("bigquery://bqx-ml")("eurusd")
     assert isinstance(scanned, int) and scanned >= 0
+    # One dry run per shard's SELECT and one per batch of count queries, as the job asks.
+    counts = [q for q in asked if "n_rows" in q]
+    selects = len(asked) - len(counts)
+    assert selects > 1 and len(counts) == -(-selects // MAX_BATCH_TASKS) < selects
     assert cost.main(["--pairs", "eurusd", "--dry-run-source", "bigquery://bqx-ml"]) == 0
     assert "dry run of each pair's extraction queries on bigquery://bqx-ml" in capsys.readouterr().out
 
