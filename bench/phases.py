@@ -16,6 +16,7 @@ import os
 import resource
 import shutil
 import tempfile
+import threading
 import time
 from collections import defaultdict
 
@@ -36,6 +37,8 @@ PHASES = (
     ("pipelines.merge.job", None, "validate_file", "validate the file", "main"),
 )
 
+_TOTALS_LOCK = threading.Lock()
+
 
 def _wrap(totals: dict, module: str, owner: str | None, name: str, label: str):
     """Time every call of ``module.owner.name`` into ``totals[label]``; returns a
@@ -52,10 +55,12 @@ def _wrap(totals: dict, module: str, owner: str | None, name: str, label: str):
         try:
             return inner(*args, **kwargs)
         finally:
-            entry = totals[label]
-            entry[0] += 1
-            entry[1] += time.perf_counter() - wall
-            entry[2] += time.thread_time() - cpu
+            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+            with _TOTALS_LOCK:  # readers and encoders run several at once
+                entry = totals[label]
+                entry[0] += 1
+                entry[1] += wall
+                entry[2] += cpu
 
     setattr(target, name, timed)
     return lambda: setattr(target, name, inner)

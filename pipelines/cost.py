@@ -225,9 +225,8 @@ def bigquery_dry_run(source: str) -> Callable[[str], int]:
 
     def scanned_bytes(pair: str) -> int:
         from pipelines.catalog import load_catalog
-        from pipelines.extract.batches import MAX_BATCH_TASKS
+        from pipelines.extract.batches import MAX_BATCH_TASKS, count_query
         from pipelines.extract.plan import make_plan
-        from pipelines.sql import count_batch
         from pipelines.sources import open_source
         from pipelines.window import DEFAULT_SHARD_DAYS
 
@@ -236,12 +235,12 @@ def bigquery_dry_run(source: str) -> Callable[[str], int]:
             plan = make_plan(bq, load_catalog(), pair, None, "gs://dry-run/unused",
                              DEFAULT_SHARD_DAYS, "drop")
             tasks = plan.tasks
-            # Counts are asked as the job asks them: one query per batch of tasks
-            # (pipelines.extract.batches), so one dry run per batch, not per task.
-            counts = [count_batch([(t.count_sql, t.counts_bad_keys) for t in tasks[i:i + MAX_BATCH_TASKS]])
-                      for i in range(0, len(tasks), MAX_BATCH_TASKS)]
+            # The job asks counts one query per batch of tasks (pipelines.extract.batches;
+            # MAX_BATCH_TASKS each for a full pair), so one dry run per batch, not per
+            # task: the bytes are the sum of the subqueries' either way.
             return (sum(bq.dry_run_bytes(t.select_sql) for t in tasks)
-                    + sum(bq.dry_run_bytes(query) for query in counts))
+                    + sum(bq.dry_run_bytes(count_query(tasks[i:i + MAX_BATCH_TASKS]))
+                          for i in range(0, len(tasks), MAX_BATCH_TASKS)))
         finally:
             bq.close()
 

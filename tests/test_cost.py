@@ -185,7 +185,6 @@ def test_dry_run_hook_plans_the_pair_on_bigquery(bq_warehouse, capsys, monkeypat
     extraction query and reports the total (the emulator reports 0 bytes per dry run,
     so only the plumbing is proven here)."""
     from pipelines.cost import bigquery_dry_run
-
     from pipelines.extract.batches import MAX_BATCH_TASKS
     from pipelines.sources import BigQuerySource
 

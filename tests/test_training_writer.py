@@ -4,6 +4,7 @@ The strongest check available: the assembled file is byte for byte what pyarrow'
 writer makes of the whole table with the same row groups and options.
 """
 import io
+import os
 
 import duckdb
 import numpy as np
@@ -166,7 +167,6 @@ def test_a_file_that_is_not_the_bytes_written_is_not_published(extracted, tmp_pa
     A mock: no emulator or file system here changes a local file between its write and
     its validation, so storage.size is made to report one byte more for the temporary.
     """
-    import os
 
     from pipelines import checkpoints, storage
     from pipelines.errors import PipelineError
@@ -193,8 +193,6 @@ def test_a_failure_behind_the_caller_is_raised_by_its_next_call():
     """Batches are appended on the writer's own thread. A sink that breaks there (a
     pipe whose reader went away: EPIPE) fails the caller's next call, and nothing more
     is written after it."""
-    import os
-
     table = _table(2000)
     read_end, write_end = os.pipe()
     sink = os.fdopen(write_end, "wb", buffering=0)

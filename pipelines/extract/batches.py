@@ -50,6 +50,11 @@ def make_batches(tasks: Sequence[ShardTask], workers: int) -> list[TaskBatch]:
     return [TaskBatch(tasks[i:i + per_batch]) for i in range(0, len(tasks), per_batch)]
 
 
+def count_query(tasks: Sequence[ShardTask]):
+    """The one query that asks every task's counts (:func:`pipelines.sql.count_batch`)."""
+    return count_batch([(t.count_sql, t.counts_bad_keys) for t in tasks])
+
+
 def batch_counts(source, tasks: Sequence[ShardTask], ask) -> list[dict[str, int] | None]:
     """Each task's counts (``n_rows``, ``n_keys`` and, where it counts them, ``n_bad``)
     from one query; None for all of them when the source refuses that query (a table
@@ -60,7 +65,7 @@ def batch_counts(source, tasks: Sequence[ShardTask], ask) -> list[dict[str, int]
     """
     if len(tasks) < 2:
         return [None] * len(tasks)
-    query = count_batch([(t.count_sql, t.counts_bad_keys) for t in tasks])
+    query = count_query(tasks)
     try:
         rows = ask(source.query_rows, query, f"the counts of {len(tasks)} shards")
     except PipelineError:

@@ -113,7 +113,6 @@ class ShardCursor:
         self._last_key = int(keys[-1])
 
 
-
 def read_ahead(pool: Executor, cursors: Iterable[ShardCursor], count: int,
                depth: int) -> Iterator[pa.Table]:
     """Each cursor's next ``count`` shards (:meth:`ShardCursor.read_shards`), in order,

@@ -331,10 +331,8 @@ class TrainingFileWriter:
         self._appender.shutdown(wait=True, cancel_futures=True)
 
     def discard(self) -> None:
-        """Stop writing and close a sink this writer opened, without a footer (after a
-        failure; the caller removes the file). Harmless after :meth:`close`."""
-        if self._failure is None:
-            self._failure = RuntimeError("the training file was discarded")
+        """Stop writing (pieces not yet encoded or appended are dropped) and close a sink
+        this writer opened, without a footer (after a failure; the caller removes the file). Harmless after :meth:`close`."""
         self._stop_threads()
         if self._owns_sink and not self._out.closed:
             self._out.close()
