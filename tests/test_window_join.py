@@ -19,8 +19,10 @@ def _keys(values) -> pa.Array:
 
 def _part(name: str, keys) -> pa.Table:
     keys = list(keys)
-    return pa.table({KEY: _keys(keys), name: pa.array([float(k) * 10 for k in keys]),
-                     f"{name}_n": pa.array([k % 3 for k in keys], pa.int64())})
+    return pa.table({KEY: _keys(keys), name: pa.array([float(k) * 10 for k in keys], pa.float64()),
+                     f"{name}_n": pa.array([k % 3 for k in keys], pa.int64()),
+                     f"{name}_s": pa.array([f"s{k}" for k in keys], pa.string()),
+                     f"{name}_b": pa.array([k % 2 == 0 for k in keys], pa.bool_())})
 
 
 def _expected(spine_keys, parts) -> pa.Table:
@@ -44,6 +46,10 @@ def test_left_join_of_aligned_sparse_and_extra_keys(tmp_path, method):
         _part("aligned2", spine_keys),
         _part("extra", list(range(90, 100)) + spine_keys[::2] + list(range(160, 170))),
         _part("sparse2", spine_keys[5:40]),
+        # Read from several shards: one chunk per shard.
+        pa.concat_tables([_part("chunked", spine_keys[:20:3]), _part("chunked", spine_keys[30::2])]),
+        _part("empty", []),
+        _part("disjoint", range(200, 210)),
     ]
     joiner = joiner_class(method)(KEY, None, 1 << 30, str(tmp_path))
     try:

@@ -8,12 +8,20 @@ import pyarrow as pa
 
 from pipelines.merge.reader import has_keys, int_keys
 
+# Name of the row numbers a table's keys carry through the join (never a column of a
+# checkpoint: those are the key and feature names, which have no leading underscores).
+_ROW = "__bqx_row"
+
 
 class PolarsJoin:
     """Joins one window at a time with Polars' hash join, keeping the spine's order.
 
-    Tables arrive one by one and are dropped once joined, so a window costs its output
-    plus one table. A table whose keys are exactly the spine's needs no join at all.
+    Tables arrive one by one and are dropped once joined. Only the keys go through
+    Polars: the join gives, for each spine row, the row of the table with its key (or
+    none), and the table's columns are gathered by those rows one at a time, each input
+    column freed once gathered. A table thus costs its own size once, not twice (its
+    Polars copy and the joined copy, before), and a table whose keys are exactly the
+    spine's needs no join at all.
     """
 
     name = "polars"
@@ -33,10 +41,23 @@ class PolarsJoin:
             if has_keys(part, spine_keys):
                 columns.extend(part.columns[1:])
                 continue
-            joined = keys.join(pl.from_arrow(part), on=self.key, how="left",
-                               maintain_order="left").drop(self.key)
-            columns.extend(joined.to_arrow().columns)
+            rows = self.matching_rows(keys, part)
+            inputs = part.columns[1:]
+            del part
+            for i, column in enumerate(inputs):
+                inputs[i] = None
+                # One contiguous array first: gathering from several chunks (one per
+                # shard) resolves the chunk of every row and was slower than the copy.
+                columns.append(column.combine_chunks().take(rows))
+                del column
         return pa.Table.from_arrays(columns, names=names)
+
+    def matching_rows(self, keys: pl.DataFrame, part: pa.Table) -> pa.Array:
+        """For each row of ``keys`` (a one-column frame of spine keys), the row of
+        ``part`` with the same key, or NULL: the LEFT JOIN as row numbers."""
+        right = pl.from_arrow(part.select([self.key])).with_row_index(_ROW)
+        joined = keys.join(right, on=self.key, how="left", maintain_order="left")
+        return joined.get_column(_ROW).to_arrow()
 
     def close(self) -> None:
         """Nothing to release."""
