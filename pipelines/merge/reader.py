@@ -74,7 +74,7 @@ class ShardCursor:
 
     def _read(self, path: str, entry: dict[str, Any]) -> pa.Table:
         try:
-            data = storage.read_bytes(path)
+            data = storage.read_buffer(path)
         except FileNotFoundError:
             raise PipelineError(f"checkpoint missing: {path} ({self.label})") from None
         if len(data) != entry["bytes"] or storage.bytes_crc32c(data) != entry["crc32c"]:
@@ -94,7 +94,7 @@ class ShardCursor:
         self._check_keys(path, table)
         return table
 
-    def _damage(self, path: str, entry: dict[str, Any], data: bytes) -> str:
+    def _damage(self, path: str, entry: dict[str, Any], data: pa.Buffer) -> str:
         """The one line describing a shard whose bytes are not the recorded ones."""
         from pipelines import checkpoints
 
