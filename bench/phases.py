@@ -6,8 +6,9 @@ this process with its phases wrapped by timers. For each phase it prints the cal
 wall time summed over them and the CPU time of the threads that ran them
 (``time.thread_time``). Phases overlap: the main thread joins the next column batch as
 reader threads read its tables, while the appending thread appends the last batch and
-the encoding threads compress its pieces, so the wall times add up to more than the run. Work a library does on threads
-of its own (Polars' join) is not in any phase's CPU; it is in the process total.
+the encoding threads compress its pieces, so the wall times add up to more than the
+run. Work a library does on threads of its own (Polars' join of the keys) is not in any
+phase's CPU; it is in the process total.
 """
 from __future__ import annotations
 

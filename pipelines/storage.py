@@ -593,28 +593,17 @@ def write_bytes(path: str, data: bytes, durable: bool = True) -> None:
 
 def read_bytes(path: str) -> bytes:
     """Read a whole (small) file; FileNotFoundError if it does not exist."""
-    if is_gcs(path):
-        from google.api_core import exceptions
-
-        try:
-            return _blob(path).download_as_bytes(retry=gcs_retry())
-        except exceptions.NotFound:
-            _require_bucket(path)
-            raise FileNotFoundError(path) from None
-        except exceptions.GoogleAPIError as exc:
-            raise _gcs_error(path, "download", exc) from None
-    with open(path, "rb") as fh:
-        return fh.read()
+    return read_buffer(path).to_pybytes()
 
 
 def read_buffer(path: str):
     """Read a whole file into a ``pyarrow.Buffer`` from Arrow's memory pool;
     FileNotFoundError if it does not exist.
 
-    For files read once and decoded by pyarrow (checkpoint shards): their bytes then
-    come from the pool that decodes them. As Python ``bytes`` they came from the C
-    heap, which held on to tens of MB of freed shards at a time once shards grew past a
-    few MB (at 100,000 rows), raising the merge's peak RSS."""
+    The merge reads checkpoint shards so: their bytes then come from the pool that
+    decodes them, not from the C heap, which kept freed shards' memory once shards grew
+    to tens of MB (BENCHMARKS.md, "Latest": peak RSS at 100,000 rows with this and the
+    key-only join)."""
     import pyarrow as pa
 
     if is_gcs(path):

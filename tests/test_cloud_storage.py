@@ -53,6 +53,7 @@ def test_atomic_write_read_checksum_list_delete(gcs_emulator, tmp_path):
     assert storage.crc32c(path) == storage.crc32c(local_copy)
     assert len(storage.crc32c(path)) == 8
     assert storage.read_bytes(path) == open(local_copy, "rb").read()
+    assert storage.read_buffer(path).to_pybytes() == open(local_copy, "rb").read()
 
     with storage.open_input(path) as source:
         assert pq.read_metadata(source).num_rows == table.num_rows
@@ -104,6 +105,8 @@ def test_missing_objects(gcs_emulator):
     assert not storage.exists(missing)
     with pytest.raises(FileNotFoundError):
         storage.read_bytes(missing)
+    with pytest.raises(FileNotFoundError):
+        storage.read_buffer(missing)
     with pytest.raises(FileNotFoundError):
         storage.size(missing)
     with pytest.raises(FileNotFoundError):

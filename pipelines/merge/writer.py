@@ -332,7 +332,8 @@ class TrainingFileWriter:
 
     def discard(self) -> None:
         """Stop writing (pieces not yet encoded or appended are dropped) and close a sink
-        this writer opened, without a footer (after a failure; the caller removes the file). Harmless after :meth:`close`."""
+        this writer opened, without a footer (after a failure; the caller removes the
+        file). Harmless after :meth:`close`."""
         self._stop_threads()
         if self._owns_sink and not self._out.closed:
             self._out.close()
