@@ -13,6 +13,7 @@ times out). Real GCS serves requests concurrently.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -111,6 +112,19 @@ def test_gs_output_equals_the_local_merge_and_leaves_no_temporary(cloud_ck, loca
     assert _client().bucket(BUCKET).get_blob(f"out/training_{PAIR}.parquet").generation != generation
     assert storage.crc32c(OUT) == storage.crc32c(local_training)
     assert not [n for n in _names(f"gs://{BUCKET}/out/") if storage.TEMP_MARK in n]
+
+
+def test_tables_read_in_slices_from_the_bucket_give_the_same_rows(cloud_ck, local_training, tmp_path):
+    """A budget small enough to cut tables into slices of columns: the first slice of
+    a table downloads its shards whole, the later ones read byte ranges of them."""
+    import pyarrow.parquet as pq
+
+    out = str(tmp_path / "sliced.parquet")
+    proc = run_module("pipelines.merge", "--pair", PAIR, "--checkpoint-root", cloud_ck,
+                      "--output", out, "--memory-budget", "401MiB")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"\([1-9][0-9]* wide table\(s\) read in slices", proc.stderr), proc.stderr
+    assert pq.read_table(out).equals(pq.read_table(local_training))
 
 
 def test_failed_validation_leaves_neither_final_nor_temporary_object(cloud_ck, monkeypatch):

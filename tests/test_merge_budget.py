@@ -11,9 +11,31 @@ def test_pack_first_run_has_its_own_limit():
     assert budget.pack([1] * 10, 4, first_limit=1) == [1, 4, 4, 1]
 
 
+def _columns(batches):
+    """Every (table, column) in the order the batches hand them out."""
+    return [(t, c) for b in batches for t, start, stop in b for c in range(start, stop)]
+
+
 def test_first_column_batch_is_smaller_so_encoding_starts_sooner():
-    row_bytes = [8] * 1000
-    batches = budget.column_batches(row_bytes, 100_000, budget.parse_size("1.5GiB"))
+    tables = [[8, 8]] + [[8]] * 999
+    batches = budget.column_batches(tables, 100_000, budget.parse_size("1.5GiB"))
     sizes = [len(b) for b in batches]
-    assert sum(sizes) == 1000 and [i for b in batches for i in b] == list(range(1000))
+    assert _columns(batches) == [(0, 0), (0, 1)] + [(t, 0) for t in range(1, 1000)]
     assert sizes[0] * 3 < sizes[1] and len(set(sizes[1:-1])) == 1
+
+
+def test_wide_tables_come_in_slices_of_a_quarter_batch_but_never_the_spine():
+    """At 100,000 rows a batch is ~200 MB: a 232-column table (186 MB) becomes slices,
+    a 20-column one stays whole, and so does a spine of 300 target columns."""
+    rows, size = 100_000, budget.parse_size("1.5GiB")
+    limit = (size - budget.FIXED_OVERHEAD) / budget.BATCH_COPIES
+    tables = [[8] * 300, [8] * 20, [8] * 232, [], [8] * 20]
+    batches = budget.column_batches(tables, rows, size)
+    assert _columns(batches) == [(t, c) for t, cols in enumerate(tables) for c in range(len(cols))]
+    runs = [run for b in batches for run in b]
+    assert (0, 0, 300) in runs and (1, 0, 20) in runs and (3, 0, 0) in runs
+    slices = [(a, b) for t, a, b in runs if t == 2]
+    assert len(slices) > 1 and all((b - a) * 8 * rows <= limit / 4 for a, b in slices)
+    # 10,000 rows: every table fits a slice, none is cut.
+    assert all(b - a == len(tables[t]) for bt in budget.column_batches(tables, 10_000, size)
+               for t, a, b in bt)

@@ -3,6 +3,7 @@ and a shard that disappears before it is read.
 
 The read-ahead tests use stand-in cursors that only count their reads: read_ahead needs
 nothing else of a ShardCursor, and the real cursors are covered by every merge test."""
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -26,7 +27,8 @@ def test_tables_come_in_order_with_at_most_depth_read_ahead():
     log: list = []
     with ThreadPoolExecutor(2) as pool:
         handed = []
-        for table in read_ahead(pool, [_Cursor(i, log) for i in range(10)], 3, depth=2):
+        for table in read_ahead(pool, [functools.partial(_Cursor(i, log).read_shards, 3) for i in range(10)],
+                                depth=2):
             handed.append(table)
             assert len(log) <= len(handed) + 2
     assert handed == [(i, 3) for i in range(10)]
@@ -35,11 +37,11 @@ def test_tables_come_in_order_with_at_most_depth_read_ahead():
 
 def test_a_failed_read_is_raised_in_its_turn_and_nothing_is_read_after_it():
     log: list = []
-    cursors = [_Cursor(i, log, fail=i == 3) for i in range(10)]
+    reads = [functools.partial(_Cursor(i, log, fail=i == 3).read_shards, 1) for i in range(10)]
     with ThreadPoolExecutor(2) as pool:
         handed = []
         with pytest.raises(PipelineError, match="table 3 is corrupt"):
-            for table in read_ahead(pool, cursors, 1, depth=2):
+            for table in read_ahead(pool, reads, depth=2):
                 handed.append(table)
         after_error = sorted(log)
         pool.shutdown(wait=True)
@@ -60,4 +62,71 @@ def test_a_shard_gone_since_the_preflight_is_named(tmp_path):
     cursor = ShardCursor("features.agg_eurusd", [(gone, {"bytes": 1, "crc32c": "0", "rows": 1})],
                          schema)
     with pytest.raises(PipelineError, match=r"checkpoint missing: .*20250106T0000.*agg_eurusd"):
-        cursor.read_shards(1)
+        cursor.read_shards(0, 1)
+
+
+def _two_shards(tmp_path):
+    """A table of two checkpoint shards (key and 6 float columns), written as the
+    extract job writes them, and a cursor over them."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipelines.checkpoints import write_shard
+    from pipelines.merge.reader import ShardCursor
+
+    key = pa.field("interval_time", pa.timestamp("us", tz="UTC"))
+    schema = pa.schema([key] + [pa.field(f"f{i}", pa.float64()) for i in range(6)])
+    shards, tables = [], []
+    for s in range(2):
+        rows = np.arange(s * 100, s * 100 + 100)
+        table = pa.table([pa.array(rows * 60_000_000, pa.int64()).cast(key.type)]
+                         + [pa.array(rows * 1.5 + i) for i in range(6)], schema=schema)
+        path = str(tmp_path / f"shard{s}.parquet")
+        size, crc = write_shard(table, path)
+        shards.append((path, {"bytes": size, "crc32c": crc, "rows": 100}))
+        tables.append(table)
+    return ShardCursor("features.wide_eurusd", shards, schema), pa.concat_tables(tables)
+
+
+def _fresh(cursor):
+    """A new cursor over the same shards: a cursor checks that its keys only increase,
+    so each checked read of the same shards needs its own."""
+    from pipelines.merge.reader import ShardCursor
+
+    return ShardCursor(cursor.label, cursor._shards, cursor.schema)
+
+
+def test_a_table_read_in_slices_gives_its_columns_with_the_key(tmp_path):
+    cursor, whole = _two_shards(tmp_path)
+    assert _fresh(cursor).read_shards(0, 2).equals(whole)
+    first, later = cursor.read_shards(0, 2, range(0, 4)), cursor.read_shards(0, 2, range(4, 6))
+    assert first.equals(whole.select(["interval_time", "f0", "f1", "f2", "f3"]))
+    assert later.equals(whole.select(["interval_time", "f4", "f5"]))
+    assert cursor.read_shards(1, 1, range(4, 6)).equals(whole.select(["interval_time", "f4", "f5"]).slice(100))
+
+
+def test_damage_is_found_by_the_first_slice_and_by_a_later_slices_page_checksums(tmp_path):
+    """The first slice checks each shard's CRC32C; a later slice reads only its own
+    columns, whose data pages pyarrow checks against their CRCs."""
+    import pyarrow.parquet as pq
+
+    cursor, _ = _two_shards(tmp_path)
+    path = cursor._shards[1][0]
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(6)  # f5, in the later slice
+    data = bytearray(open(path, "rb").read())
+    data[chunk.data_page_offset + chunk.total_compressed_size - 5] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(PipelineError, match=r"shard1\.parquet is corrupt: CRC32C"):
+        cursor.read_shards(0, 2, range(0, 4))
+    with pytest.raises(PipelineError, match=r"checkpoint .*shard1\.parquet of features\.wide_eurusd is corrupt"):
+        cursor.read_shards(0, 2, range(4, 6))
+    assert cursor.read_shards(0, 1, range(4, 6)).num_rows == 100  # the sound shard reads
+
+
+def test_a_later_slice_of_a_shard_gone_since_is_named(tmp_path):
+    import os
+
+    cursor, _ = _two_shards(tmp_path)
+    os.unlink(cursor._shards[0][0])
+    with pytest.raises(PipelineError, match=r"checkpoint missing: .*shard0\.parquet \(features\.wide_eurusd\)"):
+        cursor.read_shards(0, 2, range(4, 6))

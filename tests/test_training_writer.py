@@ -5,6 +5,7 @@ writer makes of the whole table with the same row groups and options.
 """
 import io
 import os
+import re
 
 import duckdb
 import numpy as np
@@ -114,8 +115,8 @@ def test_columns_out_of_order_or_short_row_groups_are_refused():
 
 def test_row_group_rows_shapes_the_file_not_its_content(extracted, tmp_path):
     """One day per row group (the test pair spans two days) or one row group in all,
-    and a budget that forces one table per column batch (with either join): the same
-    rows either way."""
+    and a budget that forces one table per column batch and reads tables in slices of
+    columns (with either join): the same rows either way."""
     outputs = {}
     for name, args in {"one": [], "daily": ["--row-group-rows", "1440"],
                        "tiny_batches": ["--memory-budget", "401MiB"],
@@ -126,6 +127,8 @@ def test_row_group_rows_shapes_the_file_not_its_content(extracted, tmp_path):
                           "--output", out, *args)
         assert proc.returncode == 0, proc.stderr
         outputs[name] = pq.ParquetFile(out)
+        sliced = re.search(r"\((\d+) wide table\(s\) read in slices", proc.stderr)
+        assert sliced and (int(sliced.group(1)) > 0) == name.startswith("tiny"), proc.stderr
     assert outputs["one"].num_row_groups == 1
     assert outputs["daily"].num_row_groups == 2
     assert "column batches each" in proc.stderr

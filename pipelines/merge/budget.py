@@ -32,14 +32,11 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def row_bytes(schema: pa.Schema) -> int:
-    """Approximate in-memory bytes of one row of ``schema``."""
-    total = 0
-    for field in schema:
-        # Strings: offsets plus a short value; booleans count as a byte.
-        fixed = pa.types.is_primitive(field.type) and not pa.types.is_boolean(field.type)
-        total += field.type.bit_width // 8 if fixed else 24
-    return total
+def column_bytes(field: pa.Field) -> int:
+    """Approximate in-memory bytes of one value of ``field``."""
+    # Strings: offsets plus a short value; booleans count as a byte.
+    fixed = pa.types.is_primitive(field.type) and not pa.types.is_boolean(field.type)
+    return field.type.bit_width // 8 if fixed else 24
 
 
 def _usable(budget: int) -> int:
@@ -66,18 +63,37 @@ def pack(sizes: list[float], limit: float, first_limit: float | None = None) -> 
     return runs
 
 
-def column_batches(table_row_bytes: list[int], rows: int, budget: int) -> list[list[int]]:
-    """Group consecutive tables (by index) into column batches whose columns, for
-    ``rows`` rows, fit the budget; a table larger than that is a batch of its own.
+def column_batches(tables: list[list[int]], rows: int, budget: int) -> list[list[tuple[int, int, int]]]:
+    """Cut the tables' columns into column batches that fit ``budget`` for ``rows`` rows.
 
-    The first batch is a quarter of that: nothing can be encoded until it is read and
-    joined, so a small one lets the encoders start sooner."""
+    ``tables[i]`` holds the bytes per row of each column table ``i`` adds to the output
+    (table 0, the spine, adds its key and targets; the others their features). A batch
+    is a list of runs ``(table, start, stop)``, the table's columns ``start:stop``, in
+    output order.
+
+    A table larger than a slice (a quarter of a batch) is cut into slices of at most
+    that: read whole, a wide table (232 columns, 186 MB at 100,000 rows) landed a
+    batch's worth of memory at once while the batch before was still being encoded.
+    The spine is never cut; a column larger than a slice is a slice of its own. The
+    first batch is a quarter of a batch too: nothing can be encoded until it is read
+    and joined, so a small one lets the encoders start sooner."""
     limit = _usable(budget) / BATCH_COPIES
-    counts = pack([per_row * rows for per_row in table_row_bytes], limit, limit / 4)
-    bounds = [0]
-    for count in counts:
-        bounds.append(bounds[-1] + count)
-    return [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    runs: list[tuple[int, int, int]] = []
+    sizes: list[float] = []
+    for table, columns in enumerate(tables):
+        bytes_ = [per_row * rows for per_row in columns]
+        # A table without columns of its own is still read: its shards are checked.
+        counts = [len(columns)] if table == 0 else pack(bytes_, limit / 4) or [0]
+        start = 0
+        for count in counts:
+            runs.append((table, start, start + count))
+            sizes.append(sum(bytes_[start:start + count]))
+            start += count
+    batches, first = [], 0
+    for count in pack(sizes, limit, limit / 4):
+        batches.append(runs[first:first + count])
+        first += count
+    return batches
 
 
 def validation_columns(rows: int, budget: int) -> int:

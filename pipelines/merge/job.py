@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -31,9 +32,9 @@ METHODS = ("polars", "duckdb", "bigquery")
 # Methods that run the window join here; "bigquery" issues BigQuery jobs instead
 # (pipelines/merge/bigquery.py).
 LOCAL_METHODS = ("polars", "duckdb")
-# Tables of a column batch read ahead of the one being joined, and the threads reading
-# them: without them the encoders went idle whenever a batch of many small tables took
-# longer to read than the last batch to encode.
+# Reads (tables, or slices of wide ones) of a column batch run ahead of the one being
+# joined, and the threads running them: without them the encoders went idle whenever a
+# batch of many small tables took longer to read than the last batch to encode.
 READ_AHEAD = 2
 READ_THREADS = 2
 
@@ -237,11 +238,12 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
     groups = budgets.pack(shard_rows, row_group_rows)
     bounds = np.cumsum([0] + groups)
     largest = max((sum(shard_rows[a:b]) for a, b in zip(bounds[:-1], bounds[1:])), default=0)
-    # Batch b of a row group joins the tables batches[b] (index 0 is the spine: key and
-    # targets come first); a batch's size, not the row group's, is what the budget bounds.
-    batches = budgets.column_batches(
-        [budgets.row_bytes(c.schema if i == 0 else pa.schema(list(c.schema)[1:]))
-         for i, c in enumerate(cursors)], largest, memory_budget)
+    # Batch b of a row group joins the column runs batches[b], (table, start, stop):
+    # table 0 is the spine (key and targets come first), and a wide table comes in
+    # slices; a batch's size, not the row group's, is what the budget bounds.
+    own_columns = [list(c.schema) if i == 0 else list(c.schema)[1:] for i, c in enumerate(cursors)]
+    batches = budgets.column_batches([[budgets.column_bytes(f) for f in fields] for fields in own_columns],
+                                     largest, memory_budget)
     # The digest goes in the footer; computing it first from the key column alone
     # (a few MB even for the full history) lets the footer be written in one go.
     spine_keys = _spine_keys(manifest, specs[0])
@@ -249,44 +251,46 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
     writer = TrainingFileWriter(path, schema, file_metadata(manifest, len(spine_keys), digest.hexdigest()))
     joiner = joiner_cls(key, schema, memory_budget, scratch)
     progress = cli.Progress("merge", len(groups) * len(batches), "column batches")
-    log.info("[merge] %d row group(s) of up to %d rows, %d column batches each",
-             len(groups), largest, len(batches))
+    sliced = {t for b in batches for t, a, z in b if t and (a, z) != (0, len(own_columns[t]))}
+    log.info("[merge] %d row group(s) of up to %d rows, %d column batches each "
+             "(%d wide table(s) read in slices of columns)", len(groups), largest, len(batches),
+             len(sliced))
     done = rows = 0
     nulls = np.zeros(len(schema), dtype=np.int64)
     infs = np.zeros(len(schema), dtype=np.int64)
     # Output position of each table's first column (the spine's key is column 0), and
     # the first and last column of every batch: reading those back decodes every piece
     # the writer assembled.
-    widths = [len(c.schema) if i == 0 else len(c.schema) - 1 for i, c in enumerate(cursors)]
-    starts = np.concatenate([[0], np.cumsum(widths)]).tolist()
+    starts = np.concatenate([[0], np.cumsum([len(c) for c in own_columns])]).tolist()
     check_columns = sorted({schema.names[p] for b in batches
-                            for p in (starts[b[0]], starts[b[-1] + 1] - 1)}, key=schema.names.index)
+                            for p in (starts[b[0][0]] + b[0][1], starts[b[-1][0]] + b[-1][2] - 1)},
+                           key=schema.names.index)
     # Batch k is encoded and written behind the main thread (pyarrow releases the GIL)
     # while batch k+1 is read and joined: two batches are alive at once, which the
     # budget model counts (budget.BATCH_COPIES).
     readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="merge-reader")
     try:
-        for count in groups:
-            spine = cursors[0].read_shards(count)
+        for first, count in zip(bounds[:-1].tolist(), groups):
+            spine = cursors[0].read_shards(first, count)
             if spine.num_rows == 0:  # no targets there: a LEFT JOIN keeps nothing
-                for cursor in cursors[1:]:
-                    cursor.skip(count)
                 continue
             keys = spine.select([key])
             group_rows = spine.num_rows
             writer.begin_row_group(group_rows)
             for batch in batches:
-                base = spine if batch[0] == 0 else keys
+                base = spine if batch[0][0] == 0 else keys
                 # The targets go out with the first batch, which has the spine; the
                 # others join on its keys alone, so its targets are not kept for them.
                 spine = None
-                parts = read_ahead(readers, (cursors[i] for i in batch if i != 0), count,
-                                   READ_AHEAD)
+                parts = read_ahead(readers, (
+                    functools.partial(cursors[table].read_shards, first, count,
+                                      None if (a, b) == (0, len(own_columns[table])) else range(a, b))
+                    for table, a, b in batch if table != 0), READ_AHEAD)
                 table = joiner.join(base, parts)
                 del base
-                if batch[0] != 0:
+                if batch[0][0] != 0:
                     table = table.drop_columns([key])
-                _count_values(table, starts[batch[0]], nulls, infs)
+                _count_values(table, starts[batch[0][0]] + batch[0][1], nulls, infs)
                 writer.write_columns(table)
                 del table
                 done += 1

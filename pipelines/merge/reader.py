@@ -5,13 +5,15 @@ row group of the training file is a run of whole shards for every table. Each sh
 read whole, once: its bytes are checked against the manifest's size and CRC32C as they
 arrive, then decoded. The merge thus reads every checkpoint exactly once and verified
 (it used to read each one twice: a CRC32C pass before the merge, then the merge), and
-no shard stays open between row groups, so 667 tables cost nothing while idle.
+no shard stays open between row groups, so 667 tables cost nothing while idle. A table
+too wide to read at once is read in slices of columns: the first reads and checks its
+shards whole, the others read only their own columns' bytes.
 """
 from __future__ import annotations
 
 import collections
 from concurrent.futures import Executor
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -41,7 +43,8 @@ def has_keys(part: pa.Table, keys: np.ndarray) -> bool:
 
 
 class ShardCursor:
-    """Hands out one table's rows, a number of whole shards at a time.
+    """Hands out one table's rows, a run of whole shards at a time: every column, or a
+    slice of its columns.
 
     ``shards`` are (path, manifest entry) pairs in time order. Each shard must have the
     size, CRC32C, row count and schema its entry states, and keys must increase
@@ -54,44 +57,63 @@ class ShardCursor:
         self.label = label
         self.schema = schema
         self._shards = list(shards)
-        self._next = 0
         self._last_key: int | None = None
         self._manifest_path = manifest_path
 
-    def read_shards(self, count: int) -> pa.Table:
-        """The rows of the next ``count`` shards."""
-        parts = []
-        for path, entry in self._shards[self._next:self._next + count]:
-            parts.append(self._read(path, entry))
-        self._next += count
+    def read_shards(self, first: int, count: int, features: range | None = None) -> pa.Table:
+        """The rows of shards ``first`` to ``first + count - 1``: every column, or the
+        key and the feature columns at positions ``features`` (0 is the first feature).
+
+        A read of every column, or of a slice from the first feature on, reads each
+        shard whole and checks its size, CRC32C, rows and key order. A later slice reads
+        only its own column chunks (pyarrow still checks their pages' CRCs): read whole
+        again, each slice of a wide table would read every shard's bytes once more. A
+        table's first slice must be read before its later ones are handed on, so that a
+        damaged shard is reported as such, not by whichever slice decodes it first.
+        """
+        names = None
+        if features is not None:
+            names = [self.schema.names[0]] + self.schema.names[1:][features.start:features.stop]
+        checked = features is None or features.start == 0
+        parts = [self._read(path, entry, names, checked)
+                 for path, entry in self._shards[first:first + count]]
         if not parts:
-            return self.schema.empty_table()
+            empty = self.schema.empty_table()
+            return empty if names is None else empty.select(names)
         return pa.concat_tables(parts)
 
-    def skip(self, count: int) -> None:
-        """Pass over the next ``count`` shards unread."""
-        self._next += count
-
-    def _read(self, path: str, entry: dict[str, Any]) -> pa.Table:
+    def _read(self, path: str, entry: dict[str, Any], names: list[str] | None,
+              checked: bool) -> pa.Table:
         try:
-            data = storage.read_buffer(path)
+            if checked:
+                data = storage.read_buffer(path)
+                if len(data) != entry["bytes"] or storage.bytes_crc32c(data) != entry["crc32c"]:
+                    raise PipelineError(self._damage(path, entry, data))
+                return self._decode(path, entry, pa.BufferReader(data), names, checked)
+            with storage.open_input(path) as source:
+                return self._decode(path, entry, source, names, checked)
         except FileNotFoundError:
             raise PipelineError(f"checkpoint missing: {path} ({self.label})") from None
-        if len(data) != entry["bytes"] or storage.bytes_crc32c(data) != entry["crc32c"]:
-            raise PipelineError(self._damage(path, entry, data))
+
+    def _decode(self, path: str, entry: dict[str, Any], source, names: list[str] | None,
+                checked: bool) -> pa.Table:
+        """Decode ``names`` (None: every column) of the shard in ``source``, checking its
+        schema and rows, and its keys when ``checked``."""
         try:
-            pf = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
-            table = pf.read(use_threads=False)
+            pf = pq.ParquetFile(source, page_checksum_verification=True)
+            actual = pf.schema_arrow.remove_metadata()
+            # Columns are named by the expected schema: check it before reading them.
+            table = pf.read(columns=names, use_threads=False) if actual.equals(self.schema) else None
         except (OSError, pa.ArrowException) as exc:
             raise PipelineError(f"checkpoint {path} of {self.label} is corrupt: {_first_line(exc)}") from None
-        actual = table.schema.remove_metadata()
-        if not actual.equals(self.schema):
+        if table is None:
             raise PipelineError(f"checkpoint {path} of {self.label} has schema drift: "
                                 f"{describe_schema_difference(actual, self.schema)}")
         if table.num_rows != entry["rows"]:
             raise PipelineError(f"checkpoint {path} of {self.label} holds {table.num_rows} rows, "
                                 f"its manifest entry says {entry['rows']}")
-        self._check_keys(path, table)
+        if checked:
+            self._check_keys(path, table)
         return table
 
     def _damage(self, path: str, entry: dict[str, Any], data: pa.Buffer) -> str:
@@ -113,28 +135,28 @@ class ShardCursor:
         self._last_key = int(keys[-1])
 
 
-def read_ahead(pool: Executor, cursors: Iterable[ShardCursor], count: int,
+def read_ahead(pool: Executor, reads: Iterable[Callable[[], pa.Table]],
                depth: int) -> Iterator[pa.Table]:
-    """Each cursor's next ``count`` shards (:meth:`ShardCursor.read_shards`), in order,
-    read on ``pool`` up to ``depth`` cursors ahead of the one handed out.
+    """The result of each of ``reads`` (such as a :meth:`ShardCursor.read_shards`), in
+    order, run on ``pool`` up to ``depth`` reads ahead of the one handed out.
 
     Reading a shard is mostly file reads, checksums and decoding, which release the GIL:
     while the caller joins one table the next ones are read on the other cores. Only
-    ``depth`` tables are read ahead, so memory grows by those tables, not a batch.
+    ``depth`` reads are run ahead, so memory grows by those reads, not a batch.
     """
-    upcoming = iter(cursors)
-    reads: collections.deque = collections.deque()
+    upcoming = iter(reads)
+    running: collections.deque = collections.deque()
     try:
-        for cursor in upcoming:
-            reads.append(pool.submit(cursor.read_shards, count))
-            if len(reads) > depth:
-                yield reads.popleft().result()
-        while reads:
-            yield reads.popleft().result()
+        for read in upcoming:
+            running.append(pool.submit(read))
+            if len(running) > depth:
+                yield running.popleft().result()
+        while running:
+            yield running.popleft().result()
     finally:
         # On an error (or the caller stopping early) no read may go on behind its back.
-        for read in reads:
+        for read in running:
             read.cancel()
-        for read in reads:
+        for read in running:
             if not read.cancelled():
                 read.exception()
