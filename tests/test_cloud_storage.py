@@ -171,3 +171,61 @@ def test_bigquery_source_lists_columns_and_reads_arrow(bq_warehouse):
     finally:
         bq.close()
         duck.close()
+
+
+class _CountedReads:
+    """A file that counts the reads made of it, around a real one (a spy, not a mock:
+    every read goes to the emulator)."""
+
+    def __init__(self, source):
+        self.source, self.reads = source, 0
+
+    def read(self, nbytes=-1):
+        self.reads += 1
+        return self.source.read(nbytes)
+
+    def seek(self, offset, whence=0):
+        return self.source.seek(offset, whence)
+
+    def tell(self):
+        return self.source.tell()
+
+    def size(self):
+        return self.source.size()
+
+    def close(self):
+        self.source.close()
+
+    @property
+    def closed(self):
+        return self.source.closed
+
+
+def test_a_later_slice_of_a_bucket_shard_reads_its_columns_in_one_range(gcs_emulator, monkeypatch):
+    """The merge reads a wide table's later slices as byte ranges of their column
+    chunks (pipelines.merge.reader). Arrow's GCS file has no read-ahead buffer here, so
+    each read is a ranged request: the slice's consecutive chunks must come in one read,
+    not one per column."""
+    from pipelines.checkpoints import write_shard
+    from pipelines.merge.reader import ShardCursor
+
+    t0 = dt.datetime(2025, 1, 6, tzinfo=dt.timezone.utc)
+    columns = {f"f{i}": pa.array([j * 0.25 + i for j in range(500)]) for i in range(40)}
+    table = pa.table({"interval_time": pa.array([t0 + dt.timedelta(minutes=j) for j in range(500)],
+                                                pa.timestamp("us", tz="UTC")), **columns})
+    path = f"{_root()}/wide/20250106T0000-20250107T0000.parquet"
+    size, crc = write_shard(table, path)
+    cursor = ShardCursor("features.wide_eurusd", [(path, {"bytes": size, "crc32c": crc, "rows": 500})],
+                         table.schema)
+    opened = []
+    real_open = storage.open_input
+
+    def counted_open(p):
+        opened.append(_CountedReads(real_open(p)))
+        return pa.PythonFile(opened[-1], mode="r")
+
+    monkeypatch.setattr(storage, "open_input", counted_open)
+    later = cursor.read_shards(0, 1, range(10, 40))
+    assert later.equals(table.select(["interval_time"] + [f"f{i}" for i in range(10, 40)]))
+    # The footer (its length, then itself) and one range for the 31 column chunks.
+    assert len(opened) == 1 and opened[0].reads <= 4, opened[0].reads

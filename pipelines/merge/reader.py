@@ -91,16 +91,18 @@ class ShardCursor:
                     raise PipelineError(self._damage(path, entry, data))
                 return self._decode(path, entry, pa.BufferReader(data), names, checked)
             with storage.open_input(path) as source:
-                return self._decode(path, entry, source, names, checked)
+                # One read of the slice's column chunks (they are consecutive), not one
+                # per column chunk: from GCS each read is a request.
+                return self._decode(path, entry, source, names, checked, pre_buffer=True)
         except FileNotFoundError:
             raise PipelineError(f"checkpoint missing: {path} ({self.label})") from None
 
     def _decode(self, path: str, entry: dict[str, Any], source, names: list[str] | None,
-                checked: bool) -> pa.Table:
+                checked: bool, pre_buffer: bool = False) -> pa.Table:
         """Decode ``names`` (None: every column) of the shard in ``source``, checking its
         schema and rows, and its keys when ``checked``."""
         try:
-            pf = pq.ParquetFile(source, page_checksum_verification=True)
+            pf = pq.ParquetFile(source, page_checksum_verification=True, pre_buffer=pre_buffer)
             actual = pf.schema_arrow.remove_metadata()
             # Columns are named by the expected schema: check it before reading them.
             table = pf.read(columns=names, use_threads=False) if actual.equals(self.schema) else None
