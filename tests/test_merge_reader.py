@@ -130,3 +130,19 @@ def test_a_later_slice_of_a_shard_gone_since_is_named(tmp_path):
     os.unlink(cursor._shards[0][0])
     with pytest.raises(PipelineError, match=r"checkpoint missing: .*shard0\.parquet \(features\.wide_eurusd\)"):
         cursor.read_shards(0, 2, range(4, 6))
+
+
+def test_a_shard_that_cannot_be_read_is_named(tmp_path):
+    """A folder where a shard should be: neither a missing file nor damage, one line."""
+    import os
+    import shutil
+
+    cursor, _ = _two_shards(tmp_path)
+    path = cursor._shards[1][0]
+    os.unlink(path)
+    os.mkdir(path)
+    for features in (None, range(4, 6)):
+        with pytest.raises(PipelineError, match=r"checkpoint .*shard1\.parquet of features\.wide_eurusd "
+                                                r"could not be read"):
+            _fresh(cursor).read_shards(1, 1, features)
+    shutil.rmtree(path)

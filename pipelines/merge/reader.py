@@ -96,18 +96,23 @@ class ShardCursor:
                 return self._decode(path, entry, source, names, checked, pre_buffer=True)
         except FileNotFoundError:
             raise PipelineError(f"checkpoint missing: {path} ({self.label})") from None
+        except OSError as exc:  # a folder in its place, no permission, a failed request
+            raise PipelineError(f"checkpoint {path} of {self.label} could not be read: "
+                                f"{_first_line(exc)}") from None
 
     def _decode(self, path: str, entry: dict[str, Any], source, names: list[str] | None,
                 checked: bool, pre_buffer: bool = False) -> pa.Table:
         """Decode ``names`` (None: every column) of the shard in ``source``, checking its
-        schema and rows, and its keys when ``checked``."""
+        schema and rows, and its keys when ``checked`` (its bytes were checked then, so
+        an error is damage; otherwise it may also be a read that failed)."""
         try:
             pf = pq.ParquetFile(source, page_checksum_verification=True, pre_buffer=pre_buffer)
             actual = pf.schema_arrow.remove_metadata()
             # Columns are named by the expected schema: check it before reading them.
             table = pf.read(columns=names, use_threads=False) if actual.equals(self.schema) else None
         except (OSError, pa.ArrowException) as exc:
-            raise PipelineError(f"checkpoint {path} of {self.label} is corrupt: {_first_line(exc)}") from None
+            problem = "is corrupt" if checked else "is corrupt or could not be read"
+            raise PipelineError(f"checkpoint {path} of {self.label} {problem}: {_first_line(exc)}") from None
         if table is None:
             raise PipelineError(f"checkpoint {path} of {self.label} has schema drift: "
                                 f"{describe_schema_difference(actual, self.schema)}")
