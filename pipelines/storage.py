@@ -601,9 +601,8 @@ def read_buffer(path: str):
     FileNotFoundError if it does not exist.
 
     The merge reads checkpoint shards so: their bytes then come from the pool that
-    decodes them, not from the C heap, which kept freed shards' memory once shards grew
-    to tens of MB (BENCHMARKS.md, "Latest": peak RSS at 100,000 rows with this and the
-    key-only join)."""
+    decodes them, not from the C heap (BENCHMARKS.md, section "code at 56d7b48": peak
+    RSS at 100,000 rows with this and the key-only join, against the full run before)."""
     import pyarrow as pa
 
     if is_gcs(path):

@@ -229,3 +229,6 @@ def test_a_later_slice_of_a_bucket_shard_reads_its_columns_in_one_range(gcs_emul
     assert later.equals(table.select(["interval_time"] + [f"f{i}" for i in range(10, 40)]))
     # The footer (its length, then itself) and one range for the 31 column chunks.
     assert len(opened) == 1 and opened[0].reads <= 4, opened[0].reads
+    storage.delete(path)
+    with pytest.raises(PipelineError, match=r"checkpoint missing: gs://.*20250106T0000.*wide_eurusd"):
+        cursor.read_shards(0, 1, range(10, 40))

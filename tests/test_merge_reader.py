@@ -1,5 +1,5 @@
 """Reading a column batch's tables ahead of the join (pipelines.merge.reader.read_ahead),
-and a shard that disappears before it is read.
+a wide table in slices of columns, and shards that are damaged, gone or unreadable.
 
 The read-ahead tests use stand-in cursors that only count their reads: read_ahead needs
 nothing else of a ShardCursor, and the real cursors are covered by every merge test."""

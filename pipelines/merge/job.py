@@ -251,7 +251,7 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
     writer = TrainingFileWriter(path, schema, file_metadata(manifest, len(spine_keys), digest.hexdigest()))
     joiner = joiner_cls(key, schema, memory_budget, scratch)
     progress = cli.Progress("merge", len(groups) * len(batches), "column batches")
-    sliced = {t for b in batches for t, a, z in b if t and (a, z) != (0, len(own_columns[t]))}
+    sliced = {t for b in batches for t, a, z in b if t and _features(own_columns[t], a, z)}
     table_bytes = [sum(shard["bytes"] for shard in entry["shards"]) for entry in manifest.tables]
     log.info("[merge] %d row group(s) of up to %d rows, %d column batches each "
              "(%d wide table(s) read in slices of columns, so read about twice: %.2f of %.2f GiB "
@@ -286,7 +286,7 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
                 spine = None
                 parts = read_ahead(readers, (
                     functools.partial(cursors[table].read_shards, first, count,
-                                      None if (a, b) == (0, len(own_columns[table])) else range(a, b))
+                                      _features(own_columns[table], a, b))
                     for table, a, b in batch if table != 0), READ_AHEAD)
                 table = joiner.join(base, parts)
                 del base
@@ -310,6 +310,12 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
                             f"({rows} rows read, {len(spine_keys)} expected)")
     return Written(digest.hexdigest(), writer.nbytes, writer.crc32c,
                    ColumnCounts(nulls, infs, check_columns))
+
+
+def _features(columns: list, start: int, stop: int) -> range | None:
+    """The feature positions ``ShardCursor.read_shards`` reads for the run ``start:stop``
+    of a table's ``columns``: None for all of them, a range for a slice."""
+    return None if (start, stop) == (0, len(columns)) else range(start, stop)
 
 
 def _spine_keys(manifest: Manifest, spec) -> pa.Array:

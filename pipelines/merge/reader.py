@@ -3,11 +3,11 @@
 Every table of a manifest has the same shards (the same time spans, in order), so a
 row group of the training file is a run of whole shards for every table. Each shard is
 read whole, once: its bytes are checked against the manifest's size and CRC32C as they
-arrive, then decoded. The merge thus reads every checkpoint exactly once and verified
-(it used to read each one twice: a CRC32C pass before the merge, then the merge), and
-no shard stays open between row groups, so 667 tables cost nothing while idle. A table
-too wide to read at once is read in slices of columns: the first reads and checks its
-shards whole, the others read only their own columns' bytes.
+arrive, then decoded (there is no separate CRC32C pass before the merge), and no shard
+stays open between row groups, so 667 tables cost nothing while idle. A table too wide
+to read at once is read in slices of columns: the first reads and checks its shards
+whole, the others read their own columns' bytes again, so such a table is read about
+twice.
 """
 from __future__ import annotations
 
