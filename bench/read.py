@@ -75,13 +75,24 @@ def measure(path: str, n: int = 50) -> dict:
 
 def column_bytes(metadata) -> int:
     """Compressed bytes of every column chunk of a parquet file's metadata."""
-    return sum(metadata.row_group(g).column(c).total_compressed_size
-               for g in range(metadata.num_row_groups) for c in range(metadata.num_columns))
+    return sum(chunk_bytes(metadata).values())
+
+
+def chunk_bytes(metadata) -> dict[str, int]:
+    """Compressed bytes of each column of a parquet file's metadata (all row groups)."""
+    sizes: dict[str, int] = {}
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        for c in range(metadata.num_columns):
+            name = metadata.schema.column(c).path
+            sizes[name] = sizes.get(name, 0) + group.column(c).total_compressed_size
+    return sizes
 
 
 def polars_size(path: str, columns_per_batch: int = 1000) -> dict:
     """Column-chunk bytes of ``path`` against those of Polars' writer (defaults) for the
-    same columns and rows, written ``columns_per_batch`` columns at a time."""
+    same columns and rows, written ``columns_per_batch`` columns at a time, in total and
+    per column type (``by_type``: type -> [ours, Polars'])."""
     import io
 
     import polars as pl
@@ -89,20 +100,33 @@ def polars_size(path: str, columns_per_batch: int = 1000) -> dict:
 
     pf = pq.ParquetFile(path)
     names = pf.schema_arrow.names
-    theirs = 0
+    types = {f.name: str(f.type) for f in pf.schema_arrow}
+    ours = chunk_bytes(pf.metadata)
+    by_type: dict[str, list[int]] = {}
     for first in range(0, len(names), columns_per_batch):
         frame = pl.read_parquet(path, columns=names[first:first + columns_per_batch])
         sink = io.BytesIO()
         frame.write_parquet(sink)
         del frame
-        theirs += column_bytes(pq.ParquetFile(io.BytesIO(sink.getvalue())).metadata)
-    return {"ours": column_bytes(pf.metadata), "polars": theirs}
+        theirs = chunk_bytes(pq.ParquetFile(io.BytesIO(sink.getvalue())).metadata)
+        for name, size in theirs.items():
+            pair = by_type.setdefault(types.get(name, "nested"), [0, 0])
+            pair[0] += ours.get(name, 0)
+            pair[1] += size
+    return {"ours": sum(ours.values()), "polars": sum(p[1] for p in by_type.values()),
+            "by_type": by_type}
 
 
 def describe_size(s: dict) -> str:
     """One line of :func:`polars_size`'s figures."""
-    return (f"column data {s['ours']:,} bytes; Polars' writer makes {s['polars']:,} bytes "
+    line = (f"column data {s['ours']:,} bytes; Polars' writer makes {s['polars']:,} bytes "
             f"of the same columns (ours is {100 * (s['ours'] / s['polars'] - 1):+.3f}%)")
+    if s.get("by_type"):
+        # Largest differences first: what a size gap comes from.
+        parts = sorted(s["by_type"].items(), key=lambda kv: -abs(kv[1][0] - kv[1][1]))
+        line += "; by type, ours minus Polars': " + ", ".join(
+            f"{t} {o - p:+,} bytes ({100 * (o / p - 1):+.2f}%)" for t, (o, p) in parts if p)
+    return line
 
 
 def describe(m: dict) -> str:

@@ -27,3 +27,24 @@ def test_repeat_below_one_is_refused_with_a_usage_error(capsys):
         with pytest.raises(SystemExit) as exc:
             main(["--repeat", "0"])
         assert exc.value.code == 2 and "--repeat must be at least 1" in capsys.readouterr().err
+
+
+def test_the_size_comparison_with_polars_is_broken_down_by_column_type(tmp_path):
+    """bench.read's size figure: the totals are the sums of the per-type figures, so a
+    gap can be traced to the columns it comes from."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench.read import describe_size, polars_size
+
+    rng = np.random.default_rng(0)
+    table = pa.table({"f": rng.random(5000), "i": rng.integers(0, 1000, 5000),
+                      "s": pa.array(np.array(["lo", "hi"])[rng.integers(0, 2, 5000)])})
+    path = str(tmp_path / "t.parquet")
+    pq.write_table(table, path)
+    s = polars_size(path, columns_per_batch=2)
+    assert set(s["by_type"]) == {"double", "int64", "string"}
+    assert s["ours"] == sum(o for o, _ in s["by_type"].values())
+    assert s["polars"] == sum(p for _, p in s["by_type"].values())
+    assert "by type, ours minus Polars': " in describe_size(s)
