@@ -1,4 +1,7 @@
-"""bench.phases times the merge's own functions: they must still be there, and be put back."""
+"""The in-process profilers of a merge: bench.phases times the merge's own functions (they
+must still be there, and be put back); bench.memory splits its RSS into parts."""
+import pytest
+
 from bench import phases
 from pipelines.merge import writer
 
@@ -10,3 +13,18 @@ def test_every_phase_is_timed_and_the_originals_are_restored(extracted, tmp_path
     assert {label for *_, label, _thread in phases.PHASES} == set(totals)
     assert all(calls > 0 for calls, _wall, _cpu in totals.values())
     assert writer.TrainingFileWriter._emit is emit
+
+
+def test_the_memory_benchmark_splits_rss_into_its_parts(extracted, tmp_path):
+    """bench.memory: at the peak RSS is the sum of its parts (medians are taken part by
+    part, so they need not add up), and the merge's own tables (Arrow's pool) are among
+    them."""
+    from bench import memory
+
+    r = memory.sample_merge(extracted, "eurusd", str(tmp_path / "t.parquet"))
+    assert (tmp_path / "t.parquet").exists() and r["samples"] > 0
+    peak = r["peak"]
+    assert peak["rss"] == pytest.approx(sum(peak[f] for f in memory.FIELDS[1:]))
+    assert peak["file"] > 0 and r["median"]["rss"] > 0
+    assert r["peak"]["rss"] >= r["median"]["rss"]
+    assert max(r["peak"]["arrow"], r["median"]["arrow"]) > 0

@@ -1,0 +1,164 @@
+"""``python -m bench.memory --rows 10000 --rows 100000 [--work DIR] [--keep]``: where a
+merge's memory goes.
+
+For each row count it writes a full-width synthetic pair (bench/synthetic.py; reused when
+``--work`` already holds ``ck{rows}``, the layout ``bench.merge`` uses) and runs one merge
+in a fresh process that samples itself every 20 ms:
+
+- RSS, split into file-backed pages (the libraries' code) and anonymous memory;
+- bytes allocated from Arrow's memory pool (the merge's tables, shards and encoded
+  pieces);
+- bytes glibc's allocator holds from the operating system (mallinfo2: in use and free);
+- the rest of the anonymous memory: pages Arrow's allocator keeps after they are freed
+  (jemalloc returns them after about a second), Polars' and Python's own memory.
+
+It prints those at the RSS peak (where they add up to RSS) and the median of each over
+the middle 80% of the merge (taken one by one, so they need not add up), so that peak RSS
+at different row counts can be told apart by where it comes from.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+FIELDS = ("rss", "file", "arrow", "glibc", "rest")
+SAMPLE_SECONDS = 0.02
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                 "uordblks", "fordblks", "keepcost")]
+
+
+def _glibc_bytes():
+    """A function giving the bytes glibc's malloc holds from the OS, or None off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+
+    def held() -> int:
+        info = libc.mallinfo2()
+        return info.arena + info.hblkhd
+    return held
+
+
+def _status_bytes() -> dict:
+    """RSS and its file-backed part, in bytes, from /proc/self/status."""
+    values = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "RssFile"):
+                values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+def sample_merge(root: str, pair: str, output: str, method: str = "polars") -> dict:
+    """Merge ``root``'s extraction of ``pair`` into ``output`` in this process while
+    sampling its memory; returns the sample at the RSS peak and the medians over the
+    middle 80% of the run (bytes), and the sample count."""
+    import pyarrow as pa
+
+    from pipelines.merge import job
+
+    glibc = _glibc_bytes()
+    samples: list[dict] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            status = _status_bytes()
+            s = {"t": time.monotonic(), "rss": status["VmRSS"], "file": status.get("RssFile", 0),
+                 "arrow": pa.total_allocated_bytes(), "glibc": glibc() if glibc else 0}
+            s["rest"] = s["rss"] - s["file"] - s["arrow"] - s["glibc"]
+            samples.append(s)
+            stop.wait(SAMPLE_SECONDS)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        code = job.run(["--pair", pair, "--method", method, "--checkpoint-root", root,
+                        "--output", output, "--overwrite"])
+    finally:
+        stop.set()
+        sampler.join()
+    if code != 0:
+        raise SystemExit(f"the merge exited {code}")
+    first, last = samples[0]["t"], samples[-1]["t"]
+    middle = [s for s in samples if 0.1 <= (s["t"] - first) / max(last - first, 1e-9) <= 0.9] or samples
+    peak = max(samples, key=lambda s: s["rss"])
+    return {"peak": {f: peak[f] for f in FIELDS},
+            "median": {f: statistics.median(s[f] for s in middle) for f in FIELDS},
+            "samples": len(samples)}
+
+
+def _table(results: dict[int, dict]) -> str:
+    lines = [f"{'rows':>8} {'':>6} " + " ".join(f"{f + ' MiB':>10}" for f in FIELDS)]
+    for rows, r in results.items():
+        for which in ("peak", "median"):
+            lines.append(f"{rows:>8,} {which:>6} " + " ".join(
+                f"{r[which][f] / 2**20:>10.0f}" for f in FIELDS))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Generate (or reuse) the data; sample one merge per row count, each in its own
+    process; print the table."""
+    p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, action="append", help="spine rows (repeatable); default 20000")
+    p.add_argument("--method", default="polars", choices=("polars", "duckdb"))
+    p.add_argument("--pair", default="eurusd")
+    p.add_argument("--work", help="folder for the data (default: a temp folder)")
+    p.add_argument("--keep", action="store_true", help="keep the generated data")
+    p.add_argument("--one", nargs=2, metavar=("ROOT", "OUTPUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:  # the measured process: one merge, its figures as JSON on stdout's last line
+        result = sample_merge(args.one[0], args.pair, args.one[1], args.method)
+        print(json.dumps(result))
+        return 0
+    work = args.work or tempfile.mkdtemp(prefix="bqx-bench-memory-")
+    results: dict[int, dict] = {}
+    try:
+        for rows in args.rows or [20000]:
+            root = os.path.join(work, f"ck{rows}")
+            output = os.path.join(work, f"memory{rows}.parquet")
+            if not os.path.isdir(root):
+                from bench.synthetic import make_checkpoints
+                make_checkpoints(root, args.pair, rows, log=lambda *a: None)
+            out = subprocess.run([sys.executable, "-m", "bench.memory", "--one", root, output,
+                                  "--pair", args.pair, "--method", args.method],
+                                 stdout=subprocess.PIPE, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"the measured merge of {rows} rows exited {out.returncode}")
+            results[rows] = json.loads(out.stdout.strip().splitlines()[-1])
+            from pipelines.validate import default_report_path
+            for leftover in (output, default_report_path(output)):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
+    finally:
+        if not args.keep and not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\n`{args.method}` merge, memory at the RSS peak and medians over the middle 80% "
+          f"of the run (file: file-backed pages; arrow: allocated from Arrow's pool; glibc: "
+          f"held by malloc; rest: other anonymous memory)")
+    print(_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
