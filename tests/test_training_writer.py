@@ -16,7 +16,8 @@ import pytest
 
 from conftest import run_module
 from pipelines.merge import thrift_compact
-from pipelines.merge.writer import METADATA_KEY, TrainingFileWriter, _encoding_options, read_footer
+from pipelines.merge.writer import (METADATA_KEY, TrainingFileWriter, _encoding_options,
+                                    encoded_by_polars, read_footer)
 
 KEY = "interval_time"
 
@@ -27,9 +28,30 @@ def _table(rows: int = 1000, seed: int = 1) -> pa.Table:
     for i in range(40):
         nulls = rng.random(rows) < 0.1
         cols[f"c{i}"] = pa.array(rng.random(rows), mask=nulls)
+        if i % 9 == 4:  # integer and string columns among the floats, as features have them
+            cols[f"n{i}"] = pa.array(rng.integers(0, 100, rows), mask=nulls)
+            cols[f"s{i}"] = pa.array(np.array(["lo", "mid", "hi"])[rng.integers(0, 3, rows)], mask=nulls)
     cols["label"] = pa.array([f"x{i % 7}" for i in range(rows)])
     cols["count"] = pa.array(rng.integers(0, 100, rows))
+    cols["open"] = pa.array(rng.random(rows) < 0.5)
     return pa.table(cols)
+
+
+def _by_pyarrow(table: pa.Table) -> pa.Table:
+    """``table`` without the columns the writer has Polars encode."""
+    return table.select([f.name for f in table.schema if not encoded_by_polars(f, KEY)])
+
+
+def _chunks(data: bytes) -> dict[tuple[int, str], bytes]:
+    """Every column chunk's bytes (its pages), by row group and column."""
+    md = pq.ParquetFile(io.BytesIO(data)).metadata
+    chunks = {}
+    for g in range(md.num_row_groups):
+        for c in range(md.num_columns):
+            chunk = md.row_group(g).column(c)
+            start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+            chunks[g, chunk.path_in_schema] = data[start:start + chunk.total_compressed_size]
+    return chunks
 
 
 def _assembled(table: pa.Table, groups, batches, threads: int | None = None) -> bytes:
@@ -58,8 +80,9 @@ def _pyarrow_reference(table: pa.Table, groups) -> bytes:
 def test_assembled_file_is_byte_identical_to_pyarrows(tmp_path, threads, nested):
     """Batches encoded whole (1 thread) or cut into pieces encoded at once (3). The
     footer's schema is gathered from the pieces' footers, so a nested column (several
-    schema elements for one field; no feature has one) is checked too."""
-    table = _table()
+    schema elements for one field; no feature has one) is checked too. Without integer
+    and string columns pyarrow encodes every chunk, so the file is pyarrow's own."""
+    table = _by_pyarrow(_table())
     if nested:
         table = table.add_column(7, "window", pa.array([[float(i), None] for i in range(1000)]))
     groups = [(0, 600), (600, 1000)]
@@ -74,6 +97,40 @@ def test_assembled_file_is_byte_identical_to_pyarrows(tmp_path, threads, nested)
     assert duckdb.sql(f"SELECT count(*), sum(c3) FROM '{path}'").fetchone() == pytest.approx(
         (1000, pa.compute.sum(table["c3"]).as_py()))
     assert pq.ParquetFile(path).metadata.row_group(1).column(0).statistics.has_min_max
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_integer_and_string_chunks_are_polars_and_the_rest_pyarrows(tmp_path, threads):
+    """Integer and string columns amid floats: each chunk is the bytes its encoder
+    writes for that column (Polars' for integers and strings, pyarrow's for the rest),
+    the chunks follow the schema's order, the footer's schema is pyarrow's, and every
+    reader gets the table back."""
+    table = _table()
+    groups = [(0, 600), (600, 1000)]
+    data = _assembled(table, groups, [(0, 5), (5, 30), (30, table.num_columns)], threads)
+    ours = _chunks(data)
+    reference = _chunks(_pyarrow_reference(table, groups))
+    polars_columns = [f.name for f in table.schema if encoded_by_polars(f, KEY)]
+    assert {"n4", "s4", "label", "count"} <= set(polars_columns)
+    for g, (lo, hi) in enumerate(groups):
+        sink = io.BytesIO()
+        pl.from_arrow(table.slice(lo, hi - lo).select(polars_columns)).write_parquet(
+            sink, compression="zstd", compression_level=3, statistics=False)
+        reference.update({(g, name): chunk for (_, name), chunk in _chunks(sink.getvalue()).items()})
+    assert ours == reference
+    md = pq.ParquetFile(io.BytesIO(data)).metadata
+    offsets = [md.row_group(g).column(c).data_page_offset
+               for g in range(md.num_row_groups) for c in range(md.num_columns)]
+    assert offsets == sorted(offsets)
+    assert md.schema.equals(pq.ParquetFile(io.BytesIO(_pyarrow_reference(table, groups))).metadata.schema)
+    # Polars' integer dictionary is sorted, pyarrow's in order of first appearance.
+    assert len(ours[0, "count"]) < len(_chunks(_pyarrow_reference(table, groups))[0, "count"])
+    path = tmp_path / "t.parquet"
+    path.write_bytes(data)
+    assert pq.read_table(path).equals(table)
+    assert pl.read_parquet(path).to_arrow().cast(table.schema).equals(table)
+    assert duckdb.sql(f"SELECT count(*), sum(n13), count(s22) FROM '{path}'").fetchone() == (
+        1000, pa.compute.sum(table["n13"]).as_py(), 1000 - table["s22"].null_count)
 
 
 def test_a_file_without_row_groups_has_pyarrows_footer():
@@ -107,7 +164,7 @@ def test_columns_out_of_order_or_short_row_groups_are_refused():
     with pytest.raises(ValueError, match="do not follow column 0"):
         writer.write_columns(table.select(["c0"]))
     writer.write_columns(table.select([KEY]))
-    with pytest.raises(RuntimeError, match="after 1 of 43 columns"):
+    with pytest.raises(RuntimeError, match=f"after 1 of {table.num_columns} columns"):
         writer.end_row_group()
     with pytest.raises(ValueError, match="9 rows for a row group of 10"):
         writer.write_columns(table.slice(0, 9).select(["c0"]))

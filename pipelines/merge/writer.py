@@ -14,17 +14,26 @@ A column chunk's bytes depend only on its own column, so a batch can be cut into
 pieces of columns encoded on several threads (pyarrow releases the GIL while it
 compresses) and appended in order: the file is the same, and only pieces not yet
 appended are held encoded.
+
+For the same reason a piece's integer and string columns are encoded by Polars and
+its other columns by pyarrow, and their chunks appended in column order. Polars gives
+integers a sorted dictionary (pyarrow's follows first appearance, and compresses worse)
+and packs dictionary indices in longer runs: with pyarrow alone, those columns were
+0.6-0.7% larger than Polars writes them, and the whole file 0.004% larger
+(BENCHMARKS.md, "Integer and string columns").
 """
 from __future__ import annotations
 
 import collections
 import functools
+import io
 import json
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 import google_crc32c
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -45,7 +54,9 @@ PIECES_PER_THREAD = 3
 # Field ids of parquet.thrift that hold byte offsets into the file.
 _CHUNK_OFFSETS = (2, 4, 6)          # ColumnChunk: file_offset, offset/column index offsets
 _COLUMN_META = 3                    # ColumnChunk.meta_data
+_PAGE_INDEX = (4, 5, 6, 7)          # ColumnChunk: offset and column index offsets, lengths
 _META_OFFSETS = (9, 10, 11, 14)     # ColumnMetaData: data/index/dictionary page, bloom filter
+_META_COMPRESSED, _META_DATA_PAGE, _META_DICTIONARY_PAGE = 7, 9, 11
 _RG_COLUMNS, _RG_BYTES, _RG_ROWS, _RG_OFFSET, _RG_COMPRESSED = 1, 2, 3, 5, 6
 _FMD_SCHEMA, _FMD_ROWS, _FMD_ROW_GROUPS, _FMD_KV, _FMD_ORDERS = 2, 3, 4, 5, 7
 _SCHEMA_CHILDREN = 5                # SchemaElement.num_children
@@ -98,10 +109,36 @@ def _pieces(table: pa.Table, count: int) -> list[pa.Table]:
     return [table.select(list(range(a, b))) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
-def _encode_piece(table: pa.Table, key: str) -> tuple[pa.Buffer, dict, int]:
-    data = encode_row_group(table, key)
-    meta, footer_start = read_footer(data)
-    return data, meta, footer_start
+def encoded_by_polars(field: pa.Field, key: str) -> bool:
+    """Whether ``field``'s column chunks are Polars' (integers and strings, not the key)."""
+    return field.name != key and (pa.types.is_integer(field.type) or pa.types.is_string(field.type)
+                                  or pa.types.is_large_string(field.type))
+
+
+def encode_row_group_polars(table: pa.Table) -> pa.Buffer:
+    """``table`` as a parquet file of one row group written by Polars, in memory, with
+    the training file's compression and no statistics (only the key has them)."""
+    sink = io.BytesIO()
+    pl.from_arrow(table).write_parquet(
+        sink, compression=OUTPUT_COMPRESSION, compression_level=OUTPUT_COMPRESSION_LEVEL,
+        statistics=False, row_group_size=max(table.num_rows, 1))
+    return pa.py_buffer(sink.getvalue())
+
+
+def _encode_piece(table: pa.Table, key: str) -> list[tuple[pa.Buffer, dict, list[int]]]:
+    """``table`` encoded as one-row-group files, pyarrow's first, then Polars' for its
+    integer and string columns when it has any: each with its decoded footer and the
+    positions in ``table`` of its columns."""
+    by_polars = [encoded_by_polars(f, key) for f in table.schema]
+    polars = [i for i, p in enumerate(by_polars) if p]
+    others = [i for i, p in enumerate(by_polars) if not p]
+    files = []
+    for positions, encode in ((others, lambda t: encode_row_group(t, key)),
+                              (polars, encode_row_group_polars)):
+        if positions:
+            data = encode(table.select(positions))
+            files.append((data, read_footer(data)[0], positions))
+    return files
 
 
 def read_footer(data: pa.Buffer) -> tuple[dict, int]:
@@ -111,6 +148,24 @@ def read_footer(data: pa.Buffer) -> tuple[dict, int]:
         raise ValueError("not a parquet file")
     start = len(data) - 8 - int.from_bytes(tail[:4], "little")
     return tc.decode_struct(data[start:len(data) - 8].to_pybytes()), start
+
+
+def _fields(schema: list[dict]) -> list[list[dict]]:
+    """A footer's schema elements (the root first) grouped by top-level field: each
+    field's element and those of its children, depth first."""
+    fields, i = [], 1
+    while i < len(schema):
+        start, pending = i, 1
+        while pending:  # this element and, recursively, its children
+            pending += schema[i].get(_SCHEMA_CHILDREN, (None, 0))[1] - 1
+            i += 1
+        fields.append(schema[start:i])
+    return fields
+
+
+def _leaves(field: list[dict]) -> int:
+    """Leaf columns (column chunks) of a field's schema elements."""
+    return sum(1 for e in field if not e.get(_SCHEMA_CHILDREN, (None, 0))[1])
 
 
 def _cancel(encoded: collections.deque) -> None:
@@ -252,31 +307,44 @@ class TrainingFileWriter:
         try:
             while encoded:
                 item = encoded.popleft()
-                data, meta, footer_start = item.result() if isinstance(item, Future) else item()
+                files = item.result() if isinstance(item, Future) else item()
                 del item
-                self._append(self._group, data, meta, footer_start)
-                del data  # written: not kept while the next piece is awaited
+                self._append(self._group, files)
+                del files  # written: not kept while the next piece is awaited
         finally:
             _cancel(encoded)
 
-    def _append(self, group: dict, data: pa.Buffer, meta: dict, footer_start: int) -> None:
-        """Append an encoded piece's column chunks to the open row group."""
-        (piece,) = meta[_FMD_ROW_GROUPS][1][1]
+    def _append(self, group: dict, files: list[tuple[pa.Buffer, dict, list[int]]]) -> None:
+        """Append an encoded piece's column chunks to the open row group, in column
+        order, whichever of the piece's files holds each."""
         if not self._row_groups:
-            self._collect_file_fields(meta)
-        by = self._pos - len(MAGIC)  # the piece's bytes move from offset 4 to self._pos
-        for chunk in piece[_RG_COLUMNS][1][1]:
+            self._collect_file_fields(files)
+        chunks = []
+        for data, meta, positions in files:
+            (piece,) = meta[_FMD_ROW_GROUPS][1][1]
+            # A nested field has a chunk per leaf column, in order: (position, leaf).
+            order = [(p, leaf) for p, field in zip(positions, _fields(meta[_FMD_SCHEMA][1][1]))
+                     for leaf in range(_leaves(field))]
+            chunks.extend(zip(order, [data] * len(order), piece[_RG_COLUMNS][1][1]))
+            for fid in (_RG_BYTES, _RG_COMPRESSED):
+                if fid in piece:
+                    group[fid] = (tc.I64, group[fid][1] + piece[fid][1])
+        for _, data, chunk in sorted(chunks, key=lambda c: c[0]):
+            meta = chunk[_COLUMN_META][1]
+            start = min(meta[fid][1] for fid in (_META_DATA_PAGE, _META_DICTIONARY_PAGE)
+                        if fid in meta and meta[fid][1] > 0)
+            size = meta[_META_COMPRESSED][1]  # every page of the chunk, headers included
+            by = self._pos - start  # the chunk moves from ``start`` to self._pos
             _shift(chunk, _CHUNK_OFFSETS, by)
-            _shift(chunk[_COLUMN_META][1], _META_OFFSETS, by)
+            _shift(meta, _META_OFFSETS, by)
+            for fid in _PAGE_INDEX:  # Polars writes offset indexes; they are not copied
+                chunk.pop(fid, None)
+            if _RG_OFFSET not in group:
+                group[_RG_OFFSET] = (tc.I64, self._pos)
             # Kept encoded until the footer is written: ~100 bytes per column chunk
             # instead of a dozen Python objects, for every row group of the file.
             group[_RG_COLUMNS][1][1].append(tc.encode_value(tc.STRUCT, chunk))
-        if _RG_OFFSET not in group and _RG_OFFSET in piece:
-            group[_RG_OFFSET] = (tc.I64, piece[_RG_OFFSET][1] + by)
-        for fid in (_RG_BYTES, _RG_COMPRESSED):
-            if fid in piece:
-                group[fid] = (tc.I64, group[fid][1] + piece[fid][1])
-        self._emit(data.slice(len(MAGIC), footer_start - len(MAGIC)))
+            self._emit(data.slice(start, size))
 
     def end_row_group(self) -> None:
         """Close the open row group; every column must have been written."""
@@ -298,18 +366,31 @@ class TrainingFileWriter:
         self.write_columns(table)
         self.end_row_group()
 
-    def _collect_file_fields(self, meta: dict) -> None:
-        """Keep a piece's schema elements and column orders, which follow the previous
-        piece's: concatenated, they are what pyarrow writes for the whole schema."""
-        (_, (_, elements)) = meta[_FMD_SCHEMA]
-        if self._file_fields is None:
-            self._file_fields = {fid: value for fid, value in meta.items()
-                                 if fid not in (_FMD_SCHEMA, _FMD_ROWS, _FMD_ROW_GROUPS,
-                                                _FMD_KV, _FMD_ORDERS)}
-            self._schema_root = elements[0]
-        self._schema_elements.extend(tc.encode_value(tc.STRUCT, e) for e in elements[1:])
-        if _FMD_ORDERS in meta:
-            self._column_orders.extend(tc.encode_value(tc.STRUCT, o) for o in meta[_FMD_ORDERS][1][1])
+    def _collect_file_fields(self, files: list[tuple[pa.Buffer, dict, list[int]]]) -> None:
+        """Keep a piece's schema elements and column orders, in column order; they follow
+        the previous piece's, so concatenated they are the whole schema's. The
+        file-level fields (version, writer name) are pyarrow's: its file comes first."""
+        elements: dict[int, list] = {}
+        orders: dict[int, list] = {}
+        for _, meta, positions in files:
+            (_, (_, schema)) = meta[_FMD_SCHEMA]
+            if self._file_fields is None:
+                self._file_fields = {fid: value for fid, value in meta.items()
+                                     if fid not in (_FMD_SCHEMA, _FMD_ROWS, _FMD_ROW_GROUPS,
+                                                    _FMD_KV, _FMD_ORDERS)}
+                self._schema_root = schema[0]
+            fields = _fields(schema)
+            file_orders = iter(meta[_FMD_ORDERS][1][1]) if _FMD_ORDERS in meta else None
+            for position, field in zip(positions, fields):
+                elements[position] = [tc.encode_value(tc.STRUCT, e) for e in field]
+                if file_orders is not None:  # one per leaf column
+                    orders[position] = [tc.encode_value(tc.STRUCT, next(file_orders))
+                                        for _ in range(_leaves(field))]
+        for position in sorted(elements):
+            self._schema_elements.extend(elements[position])
+        if len(orders) == len(elements):
+            for position in sorted(orders):
+                self._column_orders.extend(orders[position])
 
     def _footer_template(self) -> dict:
         """The footer's file-level fields: schema, column orders, version and writer
