@@ -5,7 +5,7 @@ row group, and every reader parses all of it even to read 50 columns. One row gr
 merge window (what fits in memory, a few thousand rows) gave a 100,000-row file a footer
 of 40+ MiB and made DuckDB take 2-5 s to read 50 columns. So row groups are large
 (:data:`pipelines.merge.budget.ROW_GROUP_ROWS`) and each is written a column batch at a
-time: pyarrow encodes the batch as a one-row-group parquet file in memory, its column
+time: the batch is encoded as a one-row-group parquet file in memory, its column
 chunks are appended to the output as they are, and its footer entries, with their byte
 offsets moved, are kept for the file's footer. (pyarrow's own writer can only write a
 row group from one table holding all of its columns.)
