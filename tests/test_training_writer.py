@@ -268,3 +268,30 @@ def test_a_failure_behind_the_caller_is_raised_by_its_next_call():
     writer.discard()
     assert writer.nbytes == written == 4  # only the magic reached the pipe
     sink.close()
+
+
+def test_column_orders_are_written_for_every_column_or_for_none(monkeypatch, tmp_path):
+    """Column orders are optional in a footer, but when present there must be one per
+    column. An encoder whose footer has none (neither pyarrow nor Polars writes such a
+    file, so one is faked by dropping them from Polars' footers) leaves the training
+    file without any."""
+    from pipelines.merge import writer as writer_module
+
+    real = writer_module.read_footer
+
+    def without_polars_orders(data):
+        meta, start = real(data)
+        if b"Polars" in meta.get(6, (None, b""))[1]:
+            meta.pop(7, None)
+        return meta, start
+
+    monkeypatch.setattr(writer_module, "read_footer", without_polars_orders)
+    table = _table()
+    path = tmp_path / "t.parquet"
+    path.write_bytes(_assembled(table, [(0, 1000)], [(0, table.num_columns)]))
+    footer, _ = real(pa.py_buffer(path.read_bytes()))
+    assert 7 not in footer
+    assert pq.read_table(path).equals(table)
+    monkeypatch.undo()
+    footer, _ = read_footer(pa.py_buffer(_assembled(table, [(0, 1000)], [(0, table.num_columns)])))
+    assert len(footer[7][1][1]) == table.num_columns

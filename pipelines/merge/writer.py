@@ -219,7 +219,7 @@ class TrainingFileWriter:
         self._file_fields: dict | None = None
         self._schema_root: dict | None = None
         self._schema_elements: list[tc.Encoded] = []
-        self._column_orders: list[tc.Encoded] = []
+        self._column_orders: list[tc.Encoded] | None = []
         # The caller's side: the open row group's rows and its next column, to check
         # each call when it is made. The appending thread has its own (self._group).
         self._open_rows: int | None = None
@@ -388,9 +388,11 @@ class TrainingFileWriter:
                                         for _ in range(_leaves(field))]
         for position in sorted(elements):
             self._schema_elements.extend(elements[position])
-        if len(orders) == len(elements):
+        if len(orders) == len(elements) and self._column_orders is not None:
             for position in sorted(orders):
                 self._column_orders.extend(orders[position])
+        else:  # optional in the footer, but all or none: without one piece's, none
+            self._column_orders = None
 
     def _footer_template(self) -> dict:
         """The footer's file-level fields: schema, column orders, version and writer
