@@ -122,6 +122,9 @@ def test_integer_and_string_chunks_are_polars_and_the_rest_pyarrows(tmp_path, th
     offsets = [md.row_group(g).column(c).data_page_offset
                for g in range(md.num_row_groups) for c in range(md.num_columns)]
     assert offsets == sorted(offsets)
+    # Polars' offset indexes are not copied, so the footer must not point at them.
+    assert not any(md.row_group(g).column(c).has_offset_index
+                   for g in range(md.num_row_groups) for c in range(md.num_columns))
     assert md.schema.equals(pq.ParquetFile(io.BytesIO(_pyarrow_reference(table, groups))).metadata.schema)
     # Polars' integer dictionary is sorted, pyarrow's in order of first appearance.
     assert len(ours[0, "count"]) < len(_chunks(_pyarrow_reference(table, groups))[0, "count"])

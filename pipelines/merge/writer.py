@@ -19,7 +19,7 @@ For the same reason a piece's integer and string columns are encoded by Polars a
 its other columns by pyarrow, and their chunks appended in column order. Polars gives
 integers a sorted dictionary (pyarrow's follows first appearance, and compresses worse)
 and packs dictionary indices in longer runs: with pyarrow alone, those columns were
-0.6-0.7% larger than Polars writes them, and the whole file 0.004% larger
+0.4-0.7% larger than Polars writes them, and the whole file 0.004% larger
 (BENCHMARKS.md, "Integer and string columns").
 """
 from __future__ import annotations
@@ -52,10 +52,13 @@ PAGE_ROWS_LIMIT = 1 << 30
 PIECES_PER_THREAD = 3
 
 # Field ids of parquet.thrift that hold byte offsets into the file.
-_CHUNK_OFFSETS = (2, 4, 6)          # ColumnChunk: file_offset, offset/column index offsets
+# Only a chunk's pages are copied; the offsets into them are moved, and the fields that
+# point at other bytes of its file (page indexes, bloom filters) are dropped.
+_CHUNK_OFFSETS = (2,)               # ColumnChunk: file_offset
+_CHUNK_ELSEWHERE = (4, 5, 6, 7)     # ColumnChunk: offset and column index offsets, lengths
 _COLUMN_META = 3                    # ColumnChunk.meta_data
-_PAGE_INDEX = (4, 5, 6, 7)          # ColumnChunk: offset and column index offsets, lengths
-_META_OFFSETS = (9, 10, 11, 14)     # ColumnMetaData: data/index/dictionary page, bloom filter
+_META_OFFSETS = (9, 10, 11)         # ColumnMetaData: data/index/dictionary page
+_META_ELSEWHERE = (14, 15)          # ColumnMetaData: bloom filter offset, length
 _META_COMPRESSED, _META_DATA_PAGE, _META_DICTIONARY_PAGE = 7, 9, 11
 _RG_COLUMNS, _RG_BYTES, _RG_ROWS, _RG_OFFSET, _RG_COMPRESSED = 1, 2, 3, 5, 6
 _FMD_SCHEMA, _FMD_ROWS, _FMD_ROW_GROUPS, _FMD_KV, _FMD_ORDERS = 2, 3, 4, 5, 7
@@ -337,8 +340,9 @@ class TrainingFileWriter:
             by = self._pos - start  # the chunk moves from ``start`` to self._pos
             _shift(chunk, _CHUNK_OFFSETS, by)
             _shift(meta, _META_OFFSETS, by)
-            for fid in _PAGE_INDEX:  # Polars writes offset indexes; they are not copied
-                chunk.pop(fid, None)
+            for fields, ids in ((chunk, _CHUNK_ELSEWHERE), (meta, _META_ELSEWHERE)):
+                for fid in ids:  # Polars writes offset indexes
+                    fields.pop(fid, None)
             if _RG_OFFSET not in group:
                 group[_RG_OFFSET] = (tc.I64, self._pos)
             # Kept encoded until the footer is written: ~100 bytes per column chunk
