@@ -1,5 +1,5 @@
-"""``python -m bench.memory --rows 10000 --rows 100000 [--work DIR] [--keep]``: where a
-merge's memory goes.
+"""``python -m bench.memory --rows 10000 --rows 100000 [--memory-budget 1GiB ...] [--work DIR]
+[--keep]``: where a merge's memory goes.
 
 For each row count it writes a full-width synthetic pair (bench/synthetic.py; reused when
 ``--work`` already holds ``ck{rows}``, the layout ``bench.merge`` uses) and runs one merge
@@ -14,14 +14,24 @@ in a fresh process that samples itself every 20 ms:
 
 It prints those at the RSS peak (where they add up to RSS) and the median of each over
 the middle 80% of the merge (taken one by one, so they need not add up), so that peak RSS
-at different row counts can be told apart by where it comes from.
+at different row counts can be told apart by where it comes from. It also prints how long
+the merge's reading and joining waited for its encoders: when that is a large share of
+the merge, the encoders are the slower stage, and the next column batch waits joined
+beside the one being encoded.
+
+With several ``--memory-budget`` values each row count is merged once per budget, which
+tells memory that follows the budget from memory that follows the rows; with
+``--row-group-rows`` a pair is merged in smaller row groups, which tells memory that
+follows the rows from memory that follows the row group.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
 import json
+import logging
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -65,10 +75,27 @@ def _status_bytes() -> dict:
     return values
 
 
-def sample_merge(root: str, pair: str, output: str, method: str = "polars") -> dict:
+class _WriterWait(logging.Handler):
+    """Keeps the merge's figures of its column batches: seconds taken, and seconds its
+    reading and joining waited for the encoders."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.seconds: tuple[float, float] | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        m = re.search(r"written in ([0-9.]+)s; reading and joining waited ([0-9.]+)s",
+                      record.getMessage())
+        if m:
+            self.seconds = (float(m.group(1)), float(m.group(2)))
+
+
+def sample_merge(root: str, pair: str, output: str, method: str = "polars",
+                 memory_budget: str | None = None, row_group_rows: int | None = None) -> dict:
     """Merge ``root``'s extraction of ``pair`` into ``output`` in this process while
     sampling its memory; returns the sample at the RSS peak and the medians over the
-    middle 80% of the run (bytes), and the sample count."""
+    middle 80% of the run (bytes), the sample count, and the seconds the column batches
+    took and waited for the encoders (``batches``, ``waited``)."""
     import pyarrow as pa
 
     from pipelines.merge import job
@@ -87,13 +114,18 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars") -> d
             stop.wait(SAMPLE_SECONDS)
 
     sampler = threading.Thread(target=sample, daemon=True)
+    wait = _WriterWait()
+    job.log.addHandler(wait)
     sampler.start()
     try:
         code = job.run(["--pair", pair, "--method", method, "--checkpoint-root", root,
-                        "--output", output, "--overwrite"])
+                        "--output", output, "--overwrite"]
+                       + (["--memory-budget", memory_budget] if memory_budget else [])
+                       + (["--row-group-rows", str(row_group_rows)] if row_group_rows else []))
     finally:
         stop.set()
         sampler.join()
+        job.log.removeHandler(wait)
     if code != 0:
         raise SystemExit(f"the merge exited {code}")
     first, last = samples[0]["t"], samples[-1]["t"]
@@ -101,15 +133,20 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars") -> d
     peak = max(samples, key=lambda s: s["rss"])
     return {"peak": {f: peak[f] for f in FIELDS},
             "median": {f: statistics.median(s[f] for s in middle) for f in FIELDS},
-            "samples": len(samples)}
+            "samples": len(samples), "batches": wait.seconds and wait.seconds[0],
+            "waited": wait.seconds and wait.seconds[1]}
 
 
-def _table(results: dict[int, dict]) -> str:
-    lines = [f"{'rows':>8} {'':>6} " + " ".join(f"{f + ' MiB':>10}" for f in FIELDS)]
-    for rows, r in results.items():
+def _table(results: dict[tuple[int, str], dict]) -> str:
+    lines = [f"{'rows':>8} {'budget':>8} {'':>6} " + " ".join(f"{f + ' MiB':>10}" for f in FIELDS)
+             + "  waited for the encoders"]
+    for (rows, budget), r in results.items():
         for which in ("peak", "median"):
-            lines.append(f"{rows:>8,} {which:>6} " + " ".join(
-                f"{r[which][f] / 2**20:>10.0f}" for f in FIELDS))
+            waited = ""
+            if which == "peak" and r.get("waited") is not None:
+                waited = f"  {r['waited']:.1f} of {r['batches']:.1f} s"
+            lines.append(f"{rows:>8,} {budget:>8} {which:>6} " + " ".join(
+                f"{r[which][f] / 2**20:>10.0f}" for f in FIELDS) + waited)
     return "\n".join(lines)
 
 
@@ -119,18 +156,25 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, action="append", help="spine rows (repeatable); default 20000")
+    p.add_argument("--memory-budget", action="append",
+                   help="the merge's --memory-budget (repeatable); default the merge's own")
+    p.add_argument("--row-group-rows", type=int,
+                   help="the merge's --row-group-rows; default the merge's own")
     p.add_argument("--method", default="polars", choices=("polars", "duckdb"))
     p.add_argument("--pair", default="eurusd")
     p.add_argument("--work", help="folder for the data (default: a temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the generated data")
     p.add_argument("--one", nargs=2, metavar=("ROOT", "OUTPUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    from pipelines.merge.budget import DEFAULT_BUDGET
+
     if args.one:  # the measured process: one merge, its figures as JSON on stdout's last line
-        result = sample_merge(args.one[0], args.pair, args.one[1], args.method)
+        result = sample_merge(args.one[0], args.pair, args.one[1], args.method,
+                              (args.memory_budget or [None])[0], args.row_group_rows)
         print(json.dumps(result))
         return 0
     work = args.work or tempfile.mkdtemp(prefix="bqx-bench-memory-")
-    results: dict[int, dict] = {}
+    results: dict[tuple[int, str], dict] = {}
     try:
         for rows in args.rows or [20000]:
             root = os.path.join(work, f"ck{rows}")
@@ -138,12 +182,17 @@ def main(argv=None) -> int:
             if not os.path.isdir(root):
                 from bench.synthetic import make_checkpoints
                 make_checkpoints(root, args.pair, rows, log=lambda *a: None)
-            out = subprocess.run([sys.executable, "-m", "bench.memory", "--one", root, output,
-                                  "--pair", args.pair, "--method", args.method],
-                                 stdout=subprocess.PIPE, text=True)
-            if out.returncode != 0:
-                raise SystemExit(f"the measured merge of {rows} rows exited {out.returncode}")
-            results[rows] = json.loads(out.stdout.strip().splitlines()[-1])
+            for budget in args.memory_budget or [None]:
+                out = subprocess.run([sys.executable, "-m", "bench.memory", "--one", root, output,
+                                      "--pair", args.pair, "--method", args.method]
+                                     + (["--memory-budget", budget] if budget else [])
+                                     + (["--row-group-rows", str(args.row_group_rows)]
+                                        if args.row_group_rows else []),
+                                     stdout=subprocess.PIPE, text=True)
+                if out.returncode != 0:
+                    raise SystemExit(f"the measured merge of {rows} rows"
+                                     f"{' at ' + budget if budget else ''} exited {out.returncode}")
+                results[rows, budget or DEFAULT_BUDGET] = json.loads(out.stdout.strip().splitlines()[-1])
             from pipelines.validate import default_report_path
             for leftover in (output, default_report_path(output)):
                 if os.path.exists(leftover):

@@ -28,3 +28,5 @@ def test_the_memory_benchmark_splits_rss_into_its_parts(extracted, tmp_path):
     assert peak["file"] > 0 and r["median"]["rss"] > 0
     assert r["peak"]["rss"] >= r["median"]["rss"]
     assert max(r["peak"]["arrow"], r["median"]["arrow"]) > 0
+    # The merge's own figure of its stages, read from its log line.
+    assert r["batches"] > 0 and 0 <= r["waited"] <= r["batches"]

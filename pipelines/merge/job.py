@@ -258,6 +258,7 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
              "of checkpoints)", len(groups), largest, len(batches), len(sliced),
              sum(table_bytes[t] for t in sliced) / 2**30, sum(table_bytes) / 2**30)
     done = rows = 0
+    merging = time.monotonic()
     nulls = np.zeros(len(schema), dtype=np.int64)
     infs = np.zeros(len(schema), dtype=np.int64)
     # Output position of each table's first column (the spine's key is column 0), and
@@ -308,6 +309,11 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
     if rows != len(spine_keys):
         raise PipelineError(f"spine of {manifest.pair} changed while merging "
                             f"({rows} rows read, {len(spine_keys)} expected)")
+    # Which stage was the slower: when the encoders are, the next batch waits joined,
+    # and two column batches are alive more of the time (BENCHMARKS.md, "Where the
+    # merge's memory goes").
+    log.info("[merge] %d column batches written in %.1fs; reading and joining waited "
+             "%.1fs of it for the encoders", done, time.monotonic() - merging, writer.waited)
     return Written(digest.hexdigest(), writer.nbytes, writer.crc32c,
                    ColumnCounts(nulls, infs, check_columns))
 

@@ -29,6 +29,7 @@ import functools
 import io
 import json
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
@@ -209,6 +210,9 @@ class TrainingFileWriter:
         self._appender = ThreadPoolExecutor(1, thread_name_prefix="parquet-append")
         self._appending: Future = self._appender.submit(lambda: None)
         self._failure: BaseException | None = None
+        # Seconds the caller spent in write_columns waiting for the batch before to be
+        # written: a large share of the merge means the encoders are its slower stage.
+        self.waited = 0.0
         self.key = schema.names[0]
         self._metadata = json.dumps(metadata, sort_keys=True).encode()
         self._owns_sink = isinstance(sink, str)
@@ -296,11 +300,13 @@ class TrainingFileWriter:
             self._encoders.submit(_encode_piece, piece, self.key) if self._encoders
             else functools.partial(_encode_piece, piece, self.key) for piece in pieces)
         del pieces
+        started = time.monotonic()
         try:
             self._appending.result()  # the batch before is written: two at most in here
         except BaseException:
             _cancel(encoded)
             raise
+        self.waited += time.monotonic() - started
         self._next_column += table.num_columns
         self._in_order(self._append_batch, encoded)
 
