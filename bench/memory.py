@@ -204,7 +204,8 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\n`{args.method}` merge, memory at the RSS peak and medians over the middle 80% "
           f"of the run (file: file-backed pages; arrow: allocated from Arrow's pool; glibc: "
-          f"held by malloc; rest: other anonymous memory)")
+          f"held by malloc; rest: other anonymous memory)"
+          + (f"; --row-group-rows {args.row_group_rows}" if args.row_group_rows else ""))
     print(_table(results))
     return 0
 

@@ -310,8 +310,8 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
         raise PipelineError(f"spine of {manifest.pair} changed while merging "
                             f"({rows} rows read, {len(spine_keys)} expected)")
     # Which stage was the slower: when the encoders are, the next batch waits joined,
-    # and two column batches are alive more of the time (BENCHMARKS.md, "Where the
-    # merge's memory goes").
+    # and two column batches are alive more of the time (BENCHMARKS.md, "Why peak RSS
+    # grows from 10,000 to 100,000 rows").
     log.info("[merge] %d column batches written in %.1fs; reading and joining waited "
              "%.1fs of it for the encoders", done, time.monotonic() - merging, writer.waited)
     return Written(digest.hexdigest(), writer.nbytes, writer.crc32c,
