@@ -8,7 +8,9 @@ BigQuery source runs it as it is and reads bulk results through the Storage Read
 Every BigQuery call retries transient errors through the client libraries, with the
 timing of :func:`pipelines.storage.retry_timing` (``BQX_RETRY_SECONDS``): REST calls with
 :func:`bigquery_retry`, failed query jobs re-run with :func:`bigquery_job_retry`, Storage
-Read API calls with :func:`read_api_retry`. Permanent errors are not retried.
+Read API calls with :func:`read_api_retry`. Permanent errors are not retried. Each REST
+request that goes unanswered for :func:`bigquery_timeout` seconds is abandoned and sent
+again.
 """
 from __future__ import annotations
 
@@ -20,12 +22,15 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
+from pipelines import cli
 from pipelines.errors import PipelineError
 from pipelines.storage import retry_timing
 
 DEFAULT_DATA_DIR = "data"
 DEFAULT_SCRATCH_DATASET = "bqx_extract_scratch"
 SCRATCH_HOURS = 6  # scratch result tables expire on their own after this
+REQUEST_SECONDS_ENV = "BQX_REQUEST_SECONDS"
+DEFAULT_REQUEST_SECONDS = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,16 @@ def bigquery_retry():
     timing = retry_timing()
     return DEFAULT_RETRY.with_timeout(timing.deadline).with_delay(
         initial=timing.initial, maximum=timing.maximum, multiplier=timing.multiplier)
+
+
+def bigquery_timeout() -> float:
+    """Seconds one BigQuery REST request may go unanswered before it is abandoned and
+    sent again by :func:`bigquery_retry` (``$BQX_REQUEST_SECONDS``, default 60, the
+    per-request default of google-cloud-storage). The BigQuery library sets none on most
+    requests, so a connection that stops answering would hang the job for good. Not for
+    ``job.result()``, where a timeout bounds the whole job (its requests have the
+    library's own, 120 s)."""
+    return cli.env_number(REQUEST_SECONDS_ENV, DEFAULT_REQUEST_SECONDS, above=0, unit="seconds")
 
 
 def bigquery_job_retry():
@@ -245,7 +260,7 @@ class BigQuerySource:
 
         try:
             job = self._client.query(googlesql, retry=bigquery_retry(),
-                                     job_retry=bigquery_job_retry())
+                                     job_retry=bigquery_job_retry(), timeout=bigquery_timeout())
             return [dict(row.items()) for row in job.result(retry=bigquery_retry())]
         except exceptions.GoogleAPIError as exc:
             raise self._error(exc, googlesql, what) from None
@@ -258,7 +273,8 @@ class BigQuerySource:
         config = bigquery.QueryJobConfig(dry_run=True, use_query_cache=False)
         try:
             job = self._client.query(str(googlesql), job_config=config, location=self.location,
-                                     retry=bigquery_retry(), job_retry=bigquery_job_retry())
+                                     retry=bigquery_retry(), job_retry=bigquery_job_retry(),
+                                     timeout=bigquery_timeout())
         except api_errors.GoogleAPIError as exc:
             raise self._error(exc, googlesql, "dry run") from None
         return int(job.total_bytes_processed or 0)
@@ -279,14 +295,15 @@ class BigQuerySource:
             raise self._error(exc, googlesql, None) from None
         try:
             self._client.query(ddl, location=location, retry=bigquery_retry(),
-                               job_retry=bigquery_job_retry()).result(retry=bigquery_retry())
+                               job_retry=bigquery_job_retry(),
+                               timeout=bigquery_timeout()).result(retry=bigquery_retry())
             return self._read_table(dataset, name)
         except exceptions.GoogleAPIError as exc:
             raise self._error(exc, googlesql, None) from None
         finally:
             try:
                 self._client.delete_table(f"{self.project}.{dataset}.{name}", not_found_ok=True,
-                                          retry=bigquery_retry())
+                                          retry=bigquery_retry(), timeout=bigquery_timeout())
             except exceptions.GoogleAPIError as exc:  # it expires anyway
                 log.warning("could not delete scratch table %s.%s: %s", dataset, name, exc)
 
@@ -328,7 +345,7 @@ class BigQuerySource:
         project, dataset = tables[0][0], tables[0][1]
         if (project, dataset) not in self._locations:
             self._locations[(project, dataset)] = self._client.get_dataset(
-                f"{project}.{dataset}", retry=bigquery_retry()).location
+                f"{project}.{dataset}", retry=bigquery_retry(), timeout=bigquery_timeout()).location
         return self._locations[(project, dataset)]
 
     def _scratch(self, location: str | None) -> str:
@@ -342,7 +359,8 @@ class BigQuerySource:
         spec.location = location
         spec.default_table_expiration_ms = SCRATCH_HOURS * 3600 * 1000
         spec.description = "Temporary query results of the BQX extract job (expire on their own)"
-        found = self._client.create_dataset(spec, exists_ok=True, retry=bigquery_retry())
+        found = self._client.create_dataset(spec, exists_ok=True, retry=bigquery_retry(),
+                                            timeout=bigquery_timeout())
         if location and found.location and found.location.lower() != location.lower():
             raise PipelineError(
                 f"scratch dataset {self.project}.{dataset} is in {found.location}, the source "

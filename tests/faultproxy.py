@@ -7,7 +7,9 @@
   connection is closed without a response before forwarding) or ``lost`` (the request is
   forwarded and done, then the connection is closed without a response: the client
   cannot tell it succeeded, so its retry must be safe). Permanent rules answer matching
-  requests with a fixed status (``403`` everywhere, ``404`` for one path, ...).
+  requests with a fixed status (``403`` everywhere, ``404`` for one path, ...), and
+  ``stall`` rules leave matching requests unanswered, as a connection that stops
+  answering does (counting those the client gave up on).
   With ``unique_job_ids`` it also does what BigQuery does and the emulator does not:
   a second ``jobs.insert`` with a job id already used is refused with 409 (the emulator
   runs the job again), which is what makes a retried insert after a ``lost`` response
@@ -37,6 +39,7 @@ import http.server
 import json
 import random
 import re
+import select
 import socket
 import threading
 import urllib.parse
@@ -85,8 +88,8 @@ class _Dice:
 @dataclass
 class Rule:
     """A fixed answer for the requests matching method, path and body: ``status`` (a
-    permanent error), or with ``status=None`` the ``lost`` fault; for the first ``times``
-    matching requests only, or all of them."""
+    permanent error), with ``stall`` no answer for that many seconds, or else the ``lost``
+    fault; for the first ``times`` matching requests only, or all of them."""
 
     status: int | None
     path: str | None = None  # regex searched in the decoded path (query included)
@@ -94,6 +97,7 @@ class Rule:
     body: str | None = None  # regex searched in the request body
     message: str | None = None
     times: int | None = None
+    stall: float | None = None
 
     def matches(self, method: str, path: str, body: bytes) -> bool:
         """True when the request is one this rule answers (and counts it)."""
@@ -185,6 +189,16 @@ class HttpFaultProxy(_Counting):
         self.rules.append(rule)
         return rule
 
+    def stall(self, path: str | None = None, method: str | None = None, body: str | None = None,
+              times: int = 1, seconds: float = 120.0) -> Rule:
+        """Leave the first ``times`` matching requests unanswered and not forwarded, for
+        ``seconds`` or until the client hangs up, then hang up: a connection that stops
+        answering. ``counts["stall-abandoned"]`` counts the requests the client gave up on
+        first."""
+        rule = Rule(None, path, method, body, times=times, stall=seconds)
+        self.rules.append(rule)
+        return rule
+
     def reset(self) -> None:
         """No faults, no rules, counters at zero."""
         self._dice.configure(0.0, 0, ())
@@ -267,6 +281,9 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         if rule is not None and rule.status is not None:
             self._inject(str(rule.status), rule.message)
             return
+        if rule is not None and rule.stall is not None:
+            self._stall(rule.stall)
+            return
         kind = "lost" if rule is not None else owner._dice.roll(HTTP_FAULTS)
         if kind in ("429", "500", "503", "drop"):
             self._inject(kind)  # the upstream never sees the request
@@ -285,6 +302,15 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             self._hang_up()
         else:
             self._send_error(int(kind), message)
+
+    def _stall(self, seconds: float) -> None:
+        """Answer nothing for ``seconds``, or until the client closes the connection."""
+        self.owner._count("stall", self.command, self.path, injected=True)
+        readable, _, _ = select.select([self.connection], [], [], seconds)
+        with contextlib.suppress(OSError):
+            if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                self.owner._count("stall-abandoned")
+        self._hang_up()
 
     def _relay(self, method: str, path: str, body: bytes, lose: bool) -> None:
         """Forward the request; send the upstream's answer back, or with ``lose`` hang

@@ -8,6 +8,8 @@
   culprit, exit 2, no retries (the proxies count every request), nothing half-written.
   These run with the production retry deadline (120 s), so the time bound proves that
   nothing waited for a retry to run out.
+* A BigQuery request left unanswered (a connection that stops answering): abandoned
+  after ``BQX_REQUEST_SECONDS`` and sent again, by the extract's and the merge's clients.
 * A disk that fills up during a local merge: one error line, no file, no temporary
   (a real 256 KiB tmpfs; RLIMIT_FSIZE, giving EFBIG, where mounting is not permitted).
 
@@ -189,6 +191,67 @@ def test_bigquery_merge_succeeds_with_ten_percent_of_requests_failing(
     assert layout["spine_rows"] == spine
     assert [p["rows"] for p in layout["parts"]] == [spine] * len(layout["parts"])
     assert _scratch_tables() == []
+
+
+# --------------------------------------------------------------------------- unanswered
+
+def _through_proxies(monkeypatch, proxies, request_seconds: str = "2") -> None:
+    """This process's clients go through the proxies, abandoning a BigQuery request
+    after ``request_seconds``."""
+    for name, value in {**proxies.env, **RETRY_FAST,
+                        "BQX_REQUEST_SECONDS": request_seconds}.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_an_unanswered_bigquery_request_of_the_extract_is_sent_again(bq_warehouse, proxies,
+                                                                     monkeypatch):
+    """A connection that stops answering (no error, no response) must not hang the
+    extract: the request is abandoned after BQX_REQUEST_SECONDS and the library's retry
+    sends it again. Without the timeout this query waits for the proxy's 120 s."""
+    from pipelines.sources import open_source
+
+    _through_proxies(monkeypatch, proxies)
+    proxies.bq.stall(method="POST", path=r"/jobs\b", times=1, seconds=120)
+    source = open_source(bq_warehouse["source"])
+    started = time.monotonic()
+    assert source.query_rows("SELECT 1 AS one") == [{"one": 1}]
+    seconds = time.monotonic() - started
+    _report("extract query, jobs.insert unanswered", seconds, proxies.bq.summary())
+    assert proxies.bq.counts["stall"] == proxies.bq.counts["stall-abandoned"] == 1, proxies.bq.summary()
+    assert seconds < 60
+
+
+def test_an_unanswered_bigquery_request_of_the_merge_is_sent_again(bq_emulator, proxies,
+                                                                   monkeypatch):
+    """The same for the bigquery merge's requests (here its query's jobs.insert and its
+    scratch dataset's creation)."""
+    from pipelines.merge import bigquery as bqm
+
+    _through_proxies(monkeypatch, proxies)
+    proxies.bq.stall(method="POST", path=r"/jobs\b", times=1, seconds=120)
+    proxies.bq.stall(method="POST", path=r"/datasets\b", times=1, seconds=120)
+    client = bqm._client(PROJECT, None)
+    plan = type("Plan", (), {"dataset": "bqx_stall_test"})()
+    started = time.monotonic()
+    bqm._ensure_dataset(client, plan, None)
+    job = bqm._run_query(client, "SELECT 1 AS one", "a query", {"bqx-job": "merge"})
+    seconds = time.monotonic() - started
+    _report("merge requests unanswered", seconds, proxies.bq.summary())
+    assert [dict(row.items()) for row in job.result()] == [{"one": 1}]
+    assert proxies.bq.counts["stall"] == proxies.bq.counts["stall-abandoned"] == 2, proxies.bq.summary()
+    assert seconds < 60
+    client.delete_dataset(f"{PROJECT}.bqx_stall_test", not_found_ok=True)
+
+
+def test_a_bad_request_timeout_is_one_clear_error_before_any_request(bq_warehouse, proxies,
+                                                                      monkeypatch):
+    from pipelines.errors import PipelineError
+    from pipelines.sources import open_source
+
+    _through_proxies(monkeypatch, proxies, request_seconds="abc")
+    with pytest.raises(PipelineError, match=r"^BQX_REQUEST_SECONDS='abc' is not a number of seconds$"):
+        open_source(bq_warehouse["source"]).query_rows("SELECT 1 AS one")
+    assert proxies.bq.counts["requests"] == 0
 
 
 # --------------------------------------------------------------------------- permanent

@@ -38,7 +38,8 @@ definitions again. Errors from BigQuery are shown whole.
 
 Transient errors are retried by the client library with the retry of
 :func:`pipelines.sources.bigquery_retry` (and query jobs with
-:func:`pipelines.sources.bigquery_job_retry`); every call is safe to repeat after a
+:func:`pipelines.sources.bigquery_job_retry`), and a request left unanswered is abandoned
+after :func:`pipelines.sources.bigquery_timeout`; every call is safe to repeat after a
 lost response (client-chosen job ids, run-unique table names).
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ from pipelines import cli, storage
 from pipelines.catalog import TableSpec
 from pipelines.checkpoints import Manifest
 from pipelines.errors import PipelineError
-from pipelines.sources import bigquery_job_retry, bigquery_retry
+from pipelines.sources import bigquery_job_retry, bigquery_retry, bigquery_timeout
 
 log = logging.getLogger("pipelines.merge.bigquery")
 
@@ -501,7 +502,8 @@ class _Staged:
             try:
                 # exists_ok: the name is unique to this run, so a table that exists is
                 # ours, created by a call whose response was lost and that was retried.
-                self.client.create_table(table, exists_ok=True, retry=bigquery_retry())
+                self.client.create_table(table, exists_ok=True, retry=bigquery_retry(),
+                                         timeout=bigquery_timeout())
             except Exception as exc:
                 raise _fail(f"creating staging table {table_id} for {spec.dataset}.{spec.table}",
                             exc) from None
@@ -547,17 +549,18 @@ class _Staged:
             return self.client.load_table_from_uri(
                 plan.uris(i), plan.table_id(i, self.project), job_id=job_id,
                 job_config=load_config(spec, plan.manifest.key, plan.labels),
-                retry=bigquery_retry())
+                retry=bigquery_retry(), timeout=bigquery_timeout())
         except exceptions.Conflict:
             log.info("load job %s already exists (a retried request): using it", job_id)
-            return self.client.get_job(job_id, retry=bigquery_retry())
+            return self.client.get_job(job_id, retry=bigquery_retry(), timeout=bigquery_timeout())
 
     def close(self) -> list[str]:
         """Delete every staged table; return the ids that could not be deleted."""
         left = []
         for table_id in self.ids:
             try:
-                self.client.delete_table(table_id, not_found_ok=True, retry=bigquery_retry())
+                self.client.delete_table(table_id, not_found_ok=True, retry=bigquery_retry(),
+                                         timeout=bigquery_timeout())
             except Exception as exc:  # keep going: delete all the others
                 log.error("could not delete staging table %s: %s", table_id,
                           bigquery_error_text(exc))
@@ -575,7 +578,7 @@ def _ensure_dataset(client, plan: Plan, location: str | None) -> None:
     ds.labels = {"bqx-job": "merge"}
     ds.description = "Temporary tables of the bqx bigquery merge (removed after each run)"
     try:
-        client.create_dataset(ds, exists_ok=True, retry=bigquery_retry())
+        client.create_dataset(ds, exists_ok=True, retry=bigquery_retry(), timeout=bigquery_timeout())
     except Exception as exc:
         raise _fail(f"creating scratch dataset {client.project}.{plan.dataset}", exc) from None
 
@@ -588,7 +591,7 @@ def _run_query(client, sql: str, what: str, labels: dict[str, str], dry_run: boo
     job = None
     try:
         job = client.query(sql, job_config=config, retry=bigquery_retry(),
-                           job_retry=bigquery_job_retry())
+                           job_retry=bigquery_job_retry(), timeout=bigquery_timeout())
         if not dry_run:
             job.result(retry=bigquery_retry())
     except Exception as exc:
