@@ -10,13 +10,14 @@ timing of :func:`pipelines.storage.retry_timing` (``BQX_RETRY_SECONDS``): REST c
 :func:`bigquery_retry`, failed query jobs re-run with :func:`bigquery_job_retry`, Storage
 Read API calls with :func:`read_api_retry`. Permanent errors are not retried. Each REST
 request that goes unanswered for :func:`bigquery_timeout` seconds is abandoned and sent
-again.
+again, also while a job is awaited (:func:`wait_for_job`).
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 import uuid
 from typing import Any, Protocol
 
@@ -31,6 +32,7 @@ DEFAULT_SCRATCH_DATASET = "bqx_extract_scratch"
 SCRATCH_HOURS = 6  # scratch result tables expire on their own after this
 REQUEST_SECONDS_ENV = "BQX_REQUEST_SECONDS"
 DEFAULT_REQUEST_SECONDS = 60.0
+JOB_POLL_SECONDS = (0.2, 5.0)  # first and longest sleep between polls of a running job
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,27 @@ def bigquery_timeout() -> float:
     sent again by :func:`bigquery_retry` (``$BQX_REQUEST_SECONDS``, default 60, the
     per-request default of google-cloud-storage). The BigQuery library sets none on most
     requests, so a connection that stops answering would hang the job for good. Not for
-    ``job.result()``, where a timeout bounds the whole job (its requests have the
-    library's own, 120 s)."""
+    ``job.result()``, where it also bounds the whole job: see :func:`wait_for_job`."""
     return cli.env_number(REQUEST_SECONDS_ENV, DEFAULT_REQUEST_SECONDS, above=0, unit="seconds")
+
+
+def wait_for_job(job):
+    """``job.result()`` (a query's rows, or the job itself), with each request abandoned
+    after :func:`bigquery_timeout` and sent again.
+
+    The library's own wait sets no timeout on its polls, and a timeout given to
+    ``result()`` also bounds the whole job. So the job is polled here (``jobs.get``,
+    with the back-off of :data:`JOB_POLL_SECONDS`) until it is done, and only then is
+    ``result()`` given the timeout. A job that failed goes to ``result()`` without it:
+    a query failed for a transient reason is run again there (its job retry), and the
+    rerun may take longer than one request."""
+    delay, longest = JOB_POLL_SECONDS
+    while not job.done(retry=bigquery_retry(), timeout=bigquery_timeout()):
+        time.sleep(delay)
+        delay = min(2 * delay, longest)
+    if job.error_result:
+        return job.result(retry=bigquery_retry())
+    return job.result(retry=bigquery_retry(), timeout=bigquery_timeout())
 
 
 def bigquery_job_retry():
@@ -261,7 +281,7 @@ class BigQuerySource:
         try:
             job = self._client.query(googlesql, retry=bigquery_retry(),
                                      job_retry=bigquery_job_retry(), timeout=bigquery_timeout())
-            return [dict(row.items()) for row in job.result(retry=bigquery_retry())]
+            return [dict(row.items()) for row in wait_for_job(job)]
         except exceptions.GoogleAPIError as exc:
             raise self._error(exc, googlesql, what) from None
 
@@ -294,9 +314,9 @@ class BigQuerySource:
         except exceptions.GoogleAPIError as exc:
             raise self._error(exc, googlesql, None) from None
         try:
-            self._client.query(ddl, location=location, retry=bigquery_retry(),
-                               job_retry=bigquery_job_retry(),
-                               timeout=bigquery_timeout()).result(retry=bigquery_retry())
+            wait_for_job(self._client.query(ddl, location=location, retry=bigquery_retry(),
+                                            job_retry=bigquery_job_retry(),
+                                            timeout=bigquery_timeout()))
             return self._read_table(dataset, name)
         except exceptions.GoogleAPIError as exc:
             raise self._error(exc, googlesql, None) from None

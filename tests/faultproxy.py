@@ -9,7 +9,9 @@
   cannot tell it succeeded, so its retry must be safe). Permanent rules answer matching
   requests with a fixed status (``403`` everywhere, ``404`` for one path, ...), and
   ``stall`` rules leave matching requests unanswered, as a connection that stops
-  answering does (counting those the client gave up on).
+  answering does (counting those the client gave up on). :meth:`HttpFaultProxy.report_running`
+  makes a ``jobs.insert`` answer say the job is still running (the emulator finishes a
+  job before it answers), so that the client polls it as it would BigQuery.
   With ``unique_job_ids`` it also does what BigQuery does and the emulator does not:
   a second ``jobs.insert`` with a job id already used is refused with 409 (the emulator
   runs the job again), which is what makes a retried insert after a ``lost`` response
@@ -154,6 +156,7 @@ class HttpFaultProxy(_Counting):
         self.unique_job_ids = unique_job_ids
         self._job_ids: set[str] = set()
         self._job_lock = threading.Lock()
+        self._running_reports = 0
         self._reset_counts()
         proxy = self
 
@@ -199,10 +202,26 @@ class HttpFaultProxy(_Counting):
         self.rules.append(rule)
         return rule
 
+    def report_running(self, times: int = 1) -> None:
+        """Answer the next ``times`` successful ``jobs.insert`` requests with the job's
+        state changed to RUNNING, as BigQuery answers a job that takes a while."""
+        with self._job_lock:
+            self._running_reports = times
+
+    def _take_running_report(self, method: str, path: str) -> bool:
+        if method != "POST" or not re.search(r"/projects/[^/]+/jobs(\?|$)", path):
+            return False
+        with self._job_lock:
+            if self._running_reports <= 0:
+                return False
+            self._running_reports -= 1
+            return True
+
     def reset(self) -> None:
         """No faults, no rules, counters at zero."""
         self._dice.configure(0.0, 0, ())
         self.rules = []
+        self._running_reports = 0
         self._reset_counts()
 
     def _job_id(self, method: str, path: str, body: bytes) -> str | None:
@@ -293,7 +312,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             owner._count("409-job-exists")
             self._send_error(409, f"Already Exists: Job {job_id}")
             return
-        self._relay(method, path, body, lose=kind == "lost")
+        self._relay(method, path, body, lose=kind == "lost",
+                    running=kind is None and owner._take_running_report(method, path))
 
     def _inject(self, kind: str, message: str | None = None) -> None:
         """Answer with the fault ``kind`` (a status code, or ``drop``) and count it."""
@@ -312,9 +332,10 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.owner._count("stall-abandoned")
         self._hang_up()
 
-    def _relay(self, method: str, path: str, body: bytes, lose: bool) -> None:
-        """Forward the request; send the upstream's answer back, or with ``lose`` hang
-        up instead (the ``lost`` fault: done upstream, unknown to the client)."""
+    def _relay(self, method: str, path: str, body: bytes, lose: bool, running: bool = False) -> None:
+        """Forward the request; send the upstream's answer back (with ``running``, a job's
+        state changed to RUNNING), or with ``lose`` hang up instead (the ``lost`` fault:
+        done upstream, unknown to the client)."""
         owner = self.owner
         try:
             status, reason, headers, data = self._forward(method, path, body)
@@ -327,6 +348,11 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             owner._count("lost", method, path, injected=True)
             self._hang_up()
             return
+        if running and status == 200:
+            job = json.loads(data)
+            job.setdefault("status", {})["state"] = "RUNNING"
+            data = json.dumps(job).encode()
+            owner._count("reported-running")
         self.send_response(status, reason)
         for name, value in headers:
             if name.lower() not in _HOP_BY_HOP:

@@ -221,15 +221,35 @@ def test_an_unanswered_bigquery_request_of_the_extract_is_sent_again(bq_warehous
     assert seconds < 60
 
 
+def test_an_unanswered_poll_of_a_running_job_is_sent_again(bq_warehouse, proxies, monkeypatch):
+    """A poll of a running job (jobs.get) left unanswered is abandoned and sent again
+    too: the library's own wait sets no timeout on its polls. (The query's results,
+    jobs.getQueryResults, get the library's floor of 120 s whatever is asked.)"""
+    from pipelines.sources import open_source
+
+    _through_proxies(monkeypatch, proxies)
+    proxies.bq.report_running()  # so that the client polls the job (jobs.get)
+    proxies.bq.stall(method="GET", path=r"/jobs/[^/?]+", times=1, seconds=120)
+    started = time.monotonic()
+    assert open_source(bq_warehouse["source"]).query_rows("SELECT 2 AS two") == [{"two": 2}]
+    seconds = time.monotonic() - started
+    _report("extract query, job polls unanswered", seconds, proxies.bq.summary())
+    assert proxies.bq.counts["reported-running"] == 1, proxies.bq.summary()
+    assert proxies.bq.counts["stall"] == proxies.bq.counts["stall-abandoned"] == 1, proxies.bq.summary()
+    assert seconds < 60
+
+
 def test_an_unanswered_bigquery_request_of_the_merge_is_sent_again(bq_emulator, proxies,
                                                                    monkeypatch):
-    """The same for the bigquery merge's requests (here its query's jobs.insert and its
-    scratch dataset's creation)."""
+    """The same for the bigquery merge's requests (here its scratch dataset's creation,
+    its query's jobs.insert and a poll of that job)."""
     from pipelines.merge import bigquery as bqm
 
     _through_proxies(monkeypatch, proxies)
     proxies.bq.stall(method="POST", path=r"/jobs\b", times=1, seconds=120)
     proxies.bq.stall(method="POST", path=r"/datasets\b", times=1, seconds=120)
+    proxies.bq.report_running()
+    proxies.bq.stall(method="GET", path=r"/jobs/[^/?]+", times=1, seconds=120)
     client = bqm._client(PROJECT, None)
     plan = type("Plan", (), {"dataset": "bqx_stall_test"})()
     started = time.monotonic()
@@ -238,7 +258,7 @@ def test_an_unanswered_bigquery_request_of_the_merge_is_sent_again(bq_emulator, 
     seconds = time.monotonic() - started
     _report("merge requests unanswered", seconds, proxies.bq.summary())
     assert [dict(row.items()) for row in job.result()] == [{"one": 1}]
-    assert proxies.bq.counts["stall"] == proxies.bq.counts["stall-abandoned"] == 2, proxies.bq.summary()
+    assert proxies.bq.counts["stall"] == proxies.bq.counts["stall-abandoned"] == 3, proxies.bq.summary()
     assert seconds < 60
     client.delete_dataset(f"{PROJECT}.bqx_stall_test", not_found_ok=True)
 

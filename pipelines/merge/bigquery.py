@@ -59,7 +59,7 @@ from pipelines import cli, storage
 from pipelines.catalog import TableSpec
 from pipelines.checkpoints import Manifest
 from pipelines.errors import PipelineError
-from pipelines.sources import bigquery_job_retry, bigquery_retry, bigquery_timeout
+from pipelines.sources import bigquery_job_retry, bigquery_retry, bigquery_timeout, wait_for_job
 
 log = logging.getLogger("pipelines.merge.bigquery")
 
@@ -525,7 +525,7 @@ class _Staged:
             i, job = running.pop(0)
             spec = plan.specs[i]
             try:
-                job.result(retry=bigquery_retry())
+                wait_for_job(job)
             except Exception as exc:
                 raise _fail(f"load job {job.job_id} of {spec.dataset}.{spec.table}", exc,
                             job) from None
@@ -593,7 +593,7 @@ def _run_query(client, sql: str, what: str, labels: dict[str, str], dry_run: boo
         job = client.query(sql, job_config=config, retry=bigquery_retry(),
                            job_retry=bigquery_job_retry(), timeout=bigquery_timeout())
         if not dry_run:
-            job.result(retry=bigquery_retry())
+            wait_for_job(job)
     except Exception as exc:
         raise _fail(what, exc, job) from None
     return job
