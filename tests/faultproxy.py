@@ -209,6 +209,7 @@ class HttpFaultProxy(_Counting):
             self._running_reports = times
 
     def _take_running_report(self, method: str, path: str) -> bool:
+        """Whether this successful request's answer is to say RUNNING (and counts it)."""
         if method != "POST" or not re.search(r"/projects/[^/]+/jobs(\?|$)", path):
             return False
         with self._job_lock:
@@ -312,8 +313,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             owner._count("409-job-exists")
             self._send_error(409, f"Already Exists: Job {job_id}")
             return
-        self._relay(method, path, body, lose=kind == "lost",
-                    running=kind is None and owner._take_running_report(method, path))
+        self._relay(method, path, body, lose=kind == "lost")
 
     def _inject(self, kind: str, message: str | None = None) -> None:
         """Answer with the fault ``kind`` (a status code, or ``drop``) and count it."""
@@ -332,10 +332,10 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.owner._count("stall-abandoned")
         self._hang_up()
 
-    def _relay(self, method: str, path: str, body: bytes, lose: bool, running: bool = False) -> None:
-        """Forward the request; send the upstream's answer back (with ``running``, a job's
-        state changed to RUNNING), or with ``lose`` hang up instead (the ``lost`` fault:
-        done upstream, unknown to the client)."""
+    def _relay(self, method: str, path: str, body: bytes, lose: bool) -> None:
+        """Forward the request; send the upstream's answer back (a job's state changed to
+        RUNNING when :meth:`HttpFaultProxy.report_running` asks), or with ``lose`` hang up
+        instead (the ``lost`` fault: done upstream, unknown to the client)."""
         owner = self.owner
         try:
             status, reason, headers, data = self._forward(method, path, body)
@@ -348,7 +348,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             owner._count("lost", method, path, injected=True)
             self._hang_up()
             return
-        if running and status == 200:
+        if status == 200 and owner._take_running_report(method, path):
             job = json.loads(data)
             job.setdefault("status", {})["state"] = "RUNNING"
             data = json.dumps(job).encode()

@@ -14,10 +14,12 @@
   (a real 256 KiB tmpfs; RLIMIT_FSIZE, giving EFBIG, where mounting is not permitted).
 
 The jobs run as subprocesses that talk to the emulators through the proxies
-(``proxies.env``); this process checks results on the emulators directly. Two answers
+(``proxies.env``); this process checks results on the emulators directly (the tests of
+unanswered requests run the clients in this process, through the proxies). Three answers
 come from the proxy because the emulator cannot give them: BigQuery's 409 for a job id
-used twice (the emulator runs the job again; tests/faultproxy.py) and BigQuery's 404
-for a table deleted between discovery and extraction.
+used twice (the emulator runs the job again; tests/faultproxy.py), BigQuery's 404 for a
+table deleted between discovery and extraction, and a job still RUNNING when its insert
+is answered (the emulator finishes every job first).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import pyarrow.parquet as pq
 import pytest
@@ -251,7 +254,7 @@ def test_an_unanswered_bigquery_request_of_the_merge_is_sent_again(bq_emulator, 
     proxies.bq.report_running()
     proxies.bq.stall(method="GET", path=r"/jobs/[^/?]+", times=1, seconds=120)
     client = bqm._client(PROJECT, None)
-    plan = type("Plan", (), {"dataset": "bqx_stall_test"})()
+    plan = types.SimpleNamespace(dataset="bqx_stall_test")  # all _ensure_dataset reads
     started = time.monotonic()
     bqm._ensure_dataset(client, plan, None)
     job = bqm._run_query(client, "SELECT 1 AS one", "a query", {"bqx-job": "merge"})
