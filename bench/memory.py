@@ -90,6 +90,12 @@ class _WriterWait(logging.Handler):
             self.seconds = (float(m.group(1)), float(m.group(2)))
 
 
+def _merge_options(memory_budget: str | None, row_group_rows: int | None) -> list[str]:
+    """The merge's options for a budget and row-group rows (None: the merge's default)."""
+    return ((["--memory-budget", memory_budget] if memory_budget else [])
+            + (["--row-group-rows", str(row_group_rows)] if row_group_rows else []))
+
+
 def sample_merge(root: str, pair: str, output: str, method: str = "polars",
                  memory_budget: str | None = None, row_group_rows: int | None = None) -> dict:
     """Merge ``root``'s extraction of ``pair`` into ``output`` in this process while
@@ -120,8 +126,7 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
     try:
         code = job.run(["--pair", pair, "--method", method, "--checkpoint-root", root,
                         "--output", output, "--overwrite"]
-                       + (["--memory-budget", memory_budget] if memory_budget else [])
-                       + (["--row-group-rows", str(row_group_rows)] if row_group_rows else []))
+                       + _merge_options(memory_budget, row_group_rows))
     finally:
         stop.set()
         sampler.join()
@@ -166,8 +171,17 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the generated data")
     p.add_argument("--one", nargs=2, metavar=("ROOT", "OUTPUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from pipelines.merge.budget import DEFAULT_BUDGET
+    from pipelines.errors import PipelineError
+    from pipelines.merge.budget import DEFAULT_BUDGET, parse_size
 
+    # Checked before any data is generated, which takes minutes at full width.
+    for budget in args.memory_budget or []:
+        try:
+            parse_size(budget)
+        except PipelineError as exc:
+            p.error(str(exc))
+    if args.row_group_rows is not None and args.row_group_rows < 1:
+        p.error(f"--row-group-rows must be at least 1, not {args.row_group_rows}")
     if args.one:  # the measured process: one merge, its figures as JSON on stdout's last line
         result = sample_merge(args.one[0], args.pair, args.one[1], args.method,
                               (args.memory_budget or [None])[0], args.row_group_rows)
@@ -185,9 +199,7 @@ def main(argv=None) -> int:
             for budget in args.memory_budget or [None]:
                 out = subprocess.run([sys.executable, "-m", "bench.memory", "--one", root, output,
                                       "--pair", args.pair, "--method", args.method]
-                                     + (["--memory-budget", budget] if budget else [])
-                                     + (["--row-group-rows", str(args.row_group_rows)]
-                                        if args.row_group_rows else []),
+                                     + _merge_options(budget, args.row_group_rows),
                                      stdout=subprocess.PIPE, text=True)
                 if out.returncode != 0:
                     raise SystemExit(f"the measured merge of {rows} rows"

@@ -48,3 +48,20 @@ def test_the_size_comparison_with_polars_is_broken_down_by_column_type(tmp_path)
     assert s["ours"] == sum(o for o, _ in s["by_type"].values())
     assert s["polars"] == sum(p for _, p in s["by_type"].values())
     assert "by type, ours minus Polars': " in describe_size(s)
+
+
+def test_bad_memory_benchmark_options_are_refused_before_any_data_is_made(capsys, tmp_path):
+    """bench.memory checks --memory-budget and --row-group-rows first: generating a
+    full-width pair takes minutes, and the merge would refuse them only after that."""
+    import pytest
+
+    from bench import memory
+
+    work = tmp_path / "work"
+    for argv, message in ((["--memory-budget", "1.5GiB", "--memory-budget", "lots"],
+                           "--memory-budget 'lots' is not a size like 1GiB or 800MB"),
+                          (["--row-group-rows", "0"], "--row-group-rows must be at least 1, not 0")):
+        with pytest.raises(SystemExit) as exc:
+            memory.main(["--rows", "10", "--work", str(work), *argv])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not work.exists()

@@ -109,7 +109,8 @@ def test_integer_and_string_chunks_are_polars_and_the_rest_pyarrows(tmp_path, th
     groups = [(0, 600), (600, 1000)]
     data = _assembled(table, groups, [(0, 5), (5, 30), (30, table.num_columns)], threads)
     ours = _chunks(data)
-    reference = _chunks(_pyarrow_reference(table, groups))
+    pyarrow_file = _pyarrow_reference(table, groups)
+    reference = _chunks(pyarrow_file)
     polars_columns = [f.name for f in table.schema if encoded_by_polars(f, KEY)]
     assert {"n4", "s4", "label", "count"} <= set(polars_columns)
     for g, (lo, hi) in enumerate(groups):
@@ -125,9 +126,9 @@ def test_integer_and_string_chunks_are_polars_and_the_rest_pyarrows(tmp_path, th
     # Polars' offset indexes are not copied, so the footer must not point at them.
     assert not any(md.row_group(g).column(c).has_offset_index
                    for g in range(md.num_row_groups) for c in range(md.num_columns))
-    assert md.schema.equals(pq.ParquetFile(io.BytesIO(_pyarrow_reference(table, groups))).metadata.schema)
+    assert md.schema.equals(pq.ParquetFile(io.BytesIO(pyarrow_file)).metadata.schema)
     # Polars' integer dictionary is sorted, pyarrow's in order of first appearance.
-    assert len(ours[0, "count"]) < len(_chunks(_pyarrow_reference(table, groups))[0, "count"])
+    assert len(ours[0, "count"]) < len(_chunks(pyarrow_file)[0, "count"])
     path = tmp_path / "t.parquet"
     path.write_bytes(data)
     assert pq.read_table(path).equals(table)

@@ -126,7 +126,7 @@ def encode_row_group_polars(table: pa.Table) -> pa.Buffer:
     pl.from_arrow(table).write_parquet(
         sink, compression=OUTPUT_COMPRESSION, compression_level=OUTPUT_COMPRESSION_LEVEL,
         statistics=False, row_group_size=max(table.num_rows, 1))
-    return pa.py_buffer(sink.getvalue())
+    return pa.py_buffer(sink.getbuffer())  # the written bytes themselves, not a copy
 
 
 def _encode_piece(table: pa.Table, key: str) -> list[tuple[pa.Buffer, dict, list[int]]]:
