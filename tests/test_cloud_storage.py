@@ -201,22 +201,25 @@ class _CountedReads:
         return self.source.closed
 
 
-def test_a_later_slice_of_a_bucket_shard_reads_its_columns_in_one_range(gcs_emulator, monkeypatch):
-    """The merge reads a wide table's later slices as byte ranges of their column
-    chunks (pipelines.merge.reader). Arrow's GCS file has no read-ahead buffer here, so
-    each read is a ranged request: the slice's consecutive chunks must come in one read,
-    not one per column."""
+def _wide_bucket_shard(path: str | None = None, shift: float = 0.0):
+    """A 40-column shard written to the bucket (at ``path``, or a new one) as the
+    extract writes it, and a cursor reading it with its manifest entry."""
     from pipelines.checkpoints import write_shard
     from pipelines.merge.reader import ShardCursor
 
     t0 = dt.datetime(2025, 1, 6, tzinfo=dt.timezone.utc)
-    columns = {f"f{i}": pa.array([j * 0.25 + i for j in range(500)]) for i in range(40)}
+    columns = {f"f{i}": pa.array([j * 0.25 + i + shift for j in range(500)]) for i in range(40)}
     table = pa.table({"interval_time": pa.array([t0 + dt.timedelta(minutes=j) for j in range(500)],
                                                 pa.timestamp("us", tz="UTC")), **columns})
-    path = f"{_root()}/wide/20250106T0000-20250107T0000.parquet"
+    path = path or f"{_root()}/wide/20250106T0000-20250107T0000.parquet"
     size, crc = write_shard(table, path)
     cursor = ShardCursor("features.wide_eurusd", [(path, {"bytes": size, "crc32c": crc, "rows": 500})],
                          table.schema)
+    return table, path, cursor
+
+
+def _count_opened_reads(monkeypatch) -> list:
+    """The files storage.open_input opens from now on, each counting its reads."""
     opened = []
     real_open = storage.open_input
 
@@ -225,6 +228,16 @@ def test_a_later_slice_of_a_bucket_shard_reads_its_columns_in_one_range(gcs_emul
         return pa.PythonFile(opened[-1], mode="r")
 
     monkeypatch.setattr(storage, "open_input", counted_open)
+    return opened
+
+
+def test_a_later_slice_of_a_bucket_shard_reads_its_columns_in_one_range(gcs_emulator, monkeypatch):
+    """The merge reads a wide table's later slices as byte ranges of their column
+    chunks (pipelines.merge.reader). Arrow's GCS file has no read-ahead buffer here, so
+    each read is a ranged request: the slice's consecutive chunks must come in one read,
+    not one per column."""
+    table, path, cursor = _wide_bucket_shard()
+    opened = _count_opened_reads(monkeypatch)
     later = cursor.read_shards(0, 1, range(10, 40))
     assert later.equals(table.select(["interval_time"] + [f"f{i}" for i in range(10, 40)]))
     # The footer (its length, then itself) and one range for the 31 column chunks.
@@ -232,3 +245,29 @@ def test_a_later_slice_of_a_bucket_shard_reads_its_columns_in_one_range(gcs_emul
     storage.delete(path)
     with pytest.raises(PipelineError, match=r"checkpoint missing: gs://.*20250106T0000.*wide_eurusd"):
         cursor.read_shards(0, 1, range(10, 40))
+
+
+def test_the_first_slice_of_a_bucket_shard_checks_the_stored_crc32c_and_downloads_no_whole_shard(
+        gcs_emulator, monkeypatch):
+    """A wide table's first slice reads its own column chunks too (a whole download
+    would fetch the later slices' bytes once more): the shard's CRC32C is the one GCS
+    keeps, compared with the manifest's, and a shard replaced since is named."""
+    table, path, cursor = _wide_bucket_shard()
+
+    def no_whole_download(p):
+        raise AssertionError(f"{p} downloaded whole")
+
+    monkeypatch.setattr(storage, "read_buffer", no_whole_download)
+    opened = _count_opened_reads(monkeypatch)
+    first = cursor.read_shards(0, 1, range(0, 10))
+    assert first.equals(table.select(["interval_time"] + [f"f{i}" for i in range(10)]))
+    assert len(opened) == 1 and opened[0].reads <= 4, opened[0].reads
+
+    stale = cursor._shards
+    _wide_bucket_shard(path, shift=1.0)  # the object is replaced; the manifest entry is not
+    from pipelines.merge.reader import ShardCursor
+
+    replaced = ShardCursor(cursor.label, stale, cursor.schema)
+    with pytest.raises(PipelineError, match=r"checkpoint gs://.*20250106T0000-20250107T0000\.parquet "
+                                            r"(is corrupt: CRC32C|has \d+ bytes)"):
+        replaced.read_shards(0, 1, range(0, 10))

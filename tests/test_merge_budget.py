@@ -25,17 +25,30 @@ def test_first_column_batch_is_smaller_so_encoding_starts_sooner():
 
 
 def test_wide_tables_come_in_slices_of_a_quarter_batch_but_never_the_spine():
-    """At 100,000 rows a batch is ~200 MB: a 232-column table (186 MB) becomes slices,
-    a 20-column one stays whole, and so does a spine of 300 target columns."""
+    """At 100,000 rows a batch is 48 MiB: a 232-column table (186 MB) becomes slices,
+    a 12-column one stays whole, and so does a spine of 300 target columns."""
     rows, size = 100_000, budget.parse_size("1.5GiB")
-    limit = (size - budget.FIXED_OVERHEAD) / budget.BATCH_COPIES
-    tables = [[8] * 300, [8] * 20, [8] * 232, [], [8] * 20]
+    limit = budget.batch_bytes(size)
+    tables = [[8] * 300, [8] * 12, [8] * 232, [], [8] * 12]
     batches = budget.column_batches(tables, rows, size)
     assert _columns(batches) == [(t, c) for t, cols in enumerate(tables) for c in range(len(cols))]
     runs = [run for b in batches for run in b]
-    assert (0, 0, 300) in runs and (1, 0, 20) in runs and (3, 0, 0) in runs
+    assert (0, 0, 300) in runs and (1, 0, 12) in runs and (3, 0, 0) in runs
     slices = [(a, b) for t, a, b in runs if t == 2]
     assert len(slices) > 1 and all((b - a) * 8 * rows <= limit / 4 for a, b in slices)
-    # 10,000 rows: every table fits a slice, none is cut.
-    assert all(b - a == len(tables[t]) for bt in budget.column_batches(tables, 10_000, size)
-               for t, a, b in bt)
+    # 10,000 rows: the 232-column table (18.6 MB) is cut in two, the others fit a slice.
+    runs = [run for b in budget.column_batches(tables, 10_000, size) for run in b]
+    assert [(a, b) for t, a, b in runs if t == 2] == [(0, 157), (157, 232)]
+    assert all(b - a == len(tables[t]) for t, a, b in runs if t != 2)
+
+
+def test_batches_stop_growing_with_the_budget_at_their_largest_size():
+    """A batch larger than BATCH_BYTES_MAX buys no speed: a larger budget keeps the same
+    batches, a smaller one makes smaller ones."""
+    tables = [[8] * 49] + [[8] * 20] * 600
+    default = budget.column_batches(tables, 100_000, budget.parse_size("1.5GiB"))
+    assert budget.column_batches(tables, 100_000, budget.parse_size("16GiB")) == default
+    assert budget.batch_bytes(budget.parse_size("16GiB")) == budget.BATCH_BYTES_MAX
+    assert len(budget.column_batches(tables, 100_000, budget.parse_size("500MiB"))) > len(default)
+    for batch in default[1:]:
+        assert sum((b - a) * 8 * 100_000 for _, a, b in batch) <= budget.BATCH_BYTES_MAX

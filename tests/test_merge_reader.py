@@ -96,9 +96,17 @@ def _fresh(cursor):
     return ShardCursor(cursor.label, cursor._shards, cursor.schema)
 
 
-def test_a_table_read_in_slices_gives_its_columns_with_the_key(tmp_path):
+def test_a_table_read_in_slices_gives_its_columns_with_the_key(tmp_path, monkeypatch):
+    """Each slice reads its own column chunks: no shard is read whole into memory."""
+    from pipelines import storage
+
     cursor, whole = _two_shards(tmp_path)
     assert _fresh(cursor).read_shards(0, 2).equals(whole)
+
+    def no_whole_read(path):
+        raise AssertionError(f"{path} read whole")
+
+    monkeypatch.setattr(storage, "read_buffer", no_whole_read)
     first, later = cursor.read_shards(0, 2, range(0, 4)), cursor.read_shards(0, 2, range(4, 6))
     assert first.equals(whole.select(["interval_time", "f0", "f1", "f2", "f3"]))
     assert later.equals(whole.select(["interval_time", "f4", "f5"]))

@@ -19,6 +19,12 @@ ROW_GROUP_ROWS = 131_072
 # shards' bytes, allocator slack. Measured: 4.0 gave 1.67 GiB peak RSS for a 1.5 GiB
 # budget (100,000 rows, full width, polars); 4.6 copies were alive at the peak.
 BATCH_COPIES = 5.5
+# The largest column batch, whatever the budget: a batch is encoded while the next is
+# read and joined, and a larger one only makes the encoders wait longer, joined, beside
+# the one being encoded. Measured at 10,000 and 100,000 rows (BENCHMARKS.md, "Column
+# batches of at most 48 MiB"): batches of 206, 103, 51 and 26 MiB took the same time,
+# within the machine's spread, and peak RSS fell with each.
+BATCH_BYTES_MAX = 48 << 20
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20,
           "mb": 1000 ** 2, "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30}
@@ -77,7 +83,7 @@ def column_batches(tables: list[list[int]], rows: int, budget: int) -> list[list
     The spine is never cut; a column larger than a slice is a slice of its own. The
     first batch is a quarter of a batch too: nothing can be encoded until it is read
     and joined, so a small one lets the encoders start sooner."""
-    limit = _usable(budget) / BATCH_COPIES
+    limit = batch_bytes(budget)
     runs: list[tuple[int, int, int]] = []
     sizes: list[float] = []
     for table, columns in enumerate(tables):
@@ -96,6 +102,12 @@ def column_batches(tables: list[list[int]], rows: int, budget: int) -> list[list
     return batches
 
 
+def batch_bytes(budget: int) -> float:
+    """The bytes of one column batch of the merge (its first is a quarter of that)."""
+    return min(_usable(budget) / BATCH_COPIES, BATCH_BYTES_MAX)
+
+
 def validation_columns(rows: int, budget: int) -> int:
-    """Columns per read when validating row groups of ``rows`` rows within ``budget``."""
-    return int(max(16, min(2000, _usable(budget) / 2 / (max(rows, 1) * 8))))
+    """Columns per read when validating row groups of ``rows`` rows within ``budget``:
+    a column batch's worth of float64 columns."""
+    return int(max(16, min(2000, batch_bytes(budget) / (max(rows, 1) * 8))))

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import itertools
 import logging
 import os
 import shutil
@@ -254,8 +255,7 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
     sliced = {t for b in batches for t, a, z in b if t and _features(own_columns[t], a, z)}
     table_bytes = [sum(shard["bytes"] for shard in entry["shards"]) for entry in manifest.tables]
     log.info("[merge] %d row group(s) of up to %d rows, %d column batches each "
-             "(%d wide table(s) read in slices of columns, so read about twice: %.2f of %.2f GiB "
-             "of checkpoints)", len(groups), largest, len(batches), len(sliced),
+             "(%d wide table(s) read in slices of columns: %.2f of %.2f GiB of checkpoints)", len(groups), largest, len(batches), len(sliced),
              sum(table_bytes[t] for t in sliced) / 2**30, sum(table_bytes) / 2**30)
     done = rows = 0
     merging = time.monotonic()
@@ -270,7 +270,8 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
                            key=schema.names.index)
     # Batch k is encoded and written behind the main thread (pyarrow releases the GIL)
     # while batch k+1 is read and joined: two batches are alive at once, which the
-    # budget model counts (budget.BATCH_COPIES).
+    # budget model counts (budget.BATCH_COPIES), and which is why a batch is small
+    # (budget.BATCH_BYTES_MAX).
     readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="merge-reader")
     try:
         for first, count in zip(bounds[:-1].tolist(), groups):
@@ -280,24 +281,29 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
             keys = spine.select([key])
             group_rows = spine.num_rows
             writer.begin_row_group(group_rows)
-            for batch in batches:
-                base = spine if batch[0][0] == 0 else keys
-                # The targets go out with the first batch, which has the spine; the
-                # others join on its keys alone, so its targets are not kept for them.
-                spine = None
-                parts = read_ahead(readers, (
+            # One stream of reads for the whole row group: the reads of a batch's first
+            # tables run while the batch before is still being joined, so small batches
+            # leave no gap in reading at their boundaries.
+            with contextlib.closing(read_ahead(readers, (
                     functools.partial(cursors[table].read_shards, first, count,
                                       _features(own_columns[table], a, b))
-                    for table, a, b in batch if table != 0), READ_AHEAD)
-                table = joiner.join(base, parts)
-                del base
-                if batch[0][0] != 0:
-                    table = table.drop_columns([key])
-                _count_values(table, starts[batch[0][0]] + batch[0][1], nulls, infs)
-                writer.write_columns(table)
-                del table
-                done += 1
-                progress.update(done)
+                    for batch in batches for table, a, b in batch if table != 0),
+                    READ_AHEAD)) as parts:
+                for batch in batches:
+                    base = spine if batch[0][0] == 0 else keys
+                    # The targets go out with the first batch, which has the spine; the
+                    # others join on its keys alone, so its targets are not kept for them.
+                    spine = None
+                    table = joiner.join(base, itertools.islice(
+                        parts, sum(1 for run in batch if run[0] != 0)))
+                    del base
+                    if batch[0][0] != 0:
+                        table = table.drop_columns([key])
+                    _count_values(table, starts[batch[0][0]] + batch[0][1], nulls, infs)
+                    writer.write_columns(table)
+                    del table
+                    done += 1
+                    progress.update(done)
             writer.end_row_group()
             rows += group_rows
         writer.close()

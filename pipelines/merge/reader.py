@@ -1,13 +1,17 @@
 """Reading a table's checkpoints a run of whole shards at a time, front to back.
 
 Every table of a manifest has the same shards (the same time spans, in order), so a
-row group of the training file is a run of whole shards for every table. Each shard is
+row group of the training file is a run of whole shards for every table. A shard is
 read whole, once: its bytes are checked against the manifest's size and CRC32C as they
 arrive, then decoded (there is no separate CRC32C pass before the merge), and no shard
-stays open between row groups, so 667 tables cost nothing while idle. A table too wide
-to read at once is read in slices of columns: the first reads and checks its shards
-whole, the others read their own columns' bytes again, so such a table is read about
-twice.
+stays open between row groups, so 667 tables cost nothing while idle.
+
+A table too wide to read at once is read in slices of columns, and each slice reads
+only its own column chunks (pyarrow checks their pages' CRCs), so from a bucket every
+byte is downloaded once. Its shards' CRC32C is checked by the first slice against the
+checksum the storage keeps: in a bucket the one GCS computed when the extract uploaded
+the shard (it rejects an upload whose bytes differ from the CRC32C sent with it), a
+metadata request; locally the file read through once more.
 """
 from __future__ import annotations
 
@@ -64,18 +68,17 @@ class ShardCursor:
         """The rows of shards ``first`` to ``first + count - 1``: every column, or the
         key and the feature columns at positions ``features`` (0 is the first feature).
 
-        A read of every column, or of a slice from the first feature on, reads each
-        shard whole and checks its size, CRC32C, rows and key order. A later slice reads
-        only its own column chunks (pyarrow still checks their pages' CRCs): read whole
-        again, each slice of a wide table would read every shard's bytes once more. A
+        A read of every column reads each shard whole and checks its size, CRC32C, rows
+        and key order. A slice reads only its own column chunks; the first slice (from
+        the first feature on) checks each shard's stored CRC32C and its key order. A
         table's first slice must be read before its later ones are handed on, so that a
         damaged shard is reported as such, not by whichever slice decodes it first.
         """
         names = None
         if features is not None:
             names = [self.schema.names[0]] + self.schema.names[1:][features.start:features.stop]
-        checked = features is None or features.start == 0
-        parts = [self._read(path, entry, names, checked)
+        first_read = features is None or features.start == 0
+        parts = [self._read(path, entry, names, first_read)
                  for path, entry in self._shards[first:first + count]]
         if not parts:
             empty = self.schema.empty_table()
@@ -83,17 +86,20 @@ class ShardCursor:
         return pa.concat_tables(parts)
 
     def _read(self, path: str, entry: dict[str, Any], names: list[str] | None,
-              checked: bool) -> pa.Table:
+              first_read: bool) -> pa.Table:
         try:
-            if checked:
+            if names is None:
                 data = storage.read_buffer(path)
                 if len(data) != entry["bytes"] or storage.bytes_crc32c(data) != entry["crc32c"]:
                     raise PipelineError(self._damage(path, entry, data))
-                return self._decode(path, entry, pa.BufferReader(data), names, checked)
+                return self._decode(path, entry, pa.BufferReader(data), names, True, True)
+            if first_read and storage.crc32c(path) != entry["crc32c"]:
+                raise PipelineError(self._damage(path, entry))
             with storage.open_input(path) as source:
                 # One read of the slice's column chunks (they are consecutive), not one
                 # per column chunk: from GCS each read is a request.
-                return self._decode(path, entry, source, names, checked, pre_buffer=True)
+                return self._decode(path, entry, source, names, False, first_read,
+                                    pre_buffer=True)
         except FileNotFoundError:
             raise PipelineError(f"checkpoint missing: {path} ({self.label})") from None
         except OSError as exc:  # a folder in its place, no permission, a failed request
@@ -101,17 +107,18 @@ class ShardCursor:
                                 f"{_first_line(exc)}") from None
 
     def _decode(self, path: str, entry: dict[str, Any], source, names: list[str] | None,
-                checked: bool, pre_buffer: bool = False) -> pa.Table:
+                read_checked: bool, check_keys: bool, pre_buffer: bool = False) -> pa.Table:
         """Decode ``names`` (None: every column) of the shard in ``source``, checking its
-        schema and rows, and its keys when ``checked`` (its bytes were checked then, so
-        an error is damage; otherwise it may also be a read that failed)."""
+        schema and rows, and its keys when ``check_keys``. When ``read_checked`` the
+        bytes decoded are the ones whose CRC32C was checked, so an error is damage;
+        otherwise it may also be a read that failed."""
         try:
             pf = pq.ParquetFile(source, page_checksum_verification=True, pre_buffer=pre_buffer)
             actual = pf.schema_arrow.remove_metadata()
             # Columns are named by the expected schema: check it before reading them.
             table = pf.read(columns=names, use_threads=False) if actual.equals(self.schema) else None
         except (OSError, pa.ArrowException) as exc:
-            problem = "is corrupt" if checked else "is corrupt or could not be read"
+            problem = "is corrupt" if read_checked else "is corrupt or could not be read"
             raise PipelineError(f"checkpoint {path} of {self.label} {problem}: {_first_line(exc)}") from None
         if table is None:
             raise PipelineError(f"checkpoint {path} of {self.label} has schema drift: "
@@ -119,19 +126,20 @@ class ShardCursor:
         if table.num_rows != entry["rows"]:
             raise PipelineError(f"checkpoint {path} of {self.label} holds {table.num_rows} rows, "
                                 f"its manifest entry says {entry['rows']}")
-        if checked:
+        if check_keys:
             self._check_keys(path, table)
         return table
 
-    def _damage(self, path: str, entry: dict[str, Any], data: pa.Buffer) -> str:
-        """The one line describing a shard whose bytes are not the recorded ones."""
+    def _damage(self, path: str, entry: dict[str, Any], data: pa.Buffer | None = None) -> str:
+        """The one line describing a shard whose bytes (``data``, or the stored file's)
+        are not the recorded ones."""
         from pipelines import checkpoints
 
         problems = list(checkpoints.verify_shard(path, entry, self.schema, True, self._manifest_path))
         if problems:
             return problems[0]
-        return (f"checkpoint {path} of {self.label} changed while it was read "
-                f"({len(data)} bytes, CRC32C {storage.bytes_crc32c(data)})")
+        read = "" if data is None else f" ({len(data)} bytes, CRC32C {storage.bytes_crc32c(data)})"
+        return f"checkpoint {path} of {self.label} changed while it was read{read}"
 
     def _check_keys(self, path: str, table: pa.Table) -> None:
         keys = int_keys(table.column(0))
