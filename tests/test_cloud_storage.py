@@ -262,6 +262,13 @@ def test_the_first_slice_of_a_bucket_shard_checks_the_stored_crc32c_and_download
     first = cursor.read_shards(0, 1, range(0, 10))
     assert first.equals(table.select(["interval_time"] + [f"f{i}" for i in range(10)]))
     assert len(opened) == 1 and opened[0].reads <= 4, opened[0].reads
+    # The next slices reuse the footer the first one read: they read only the key's
+    # column chunk and their own consecutive chunks, one range each.
+    assert cursor.read_shards(0, 1, range(10, 20)).equals(
+        table.select(["interval_time"] + [f"f{i}" for i in range(10, 20)]))
+    assert len(opened) == 2 and opened[1].reads <= 2, opened[1].reads
+    cursor.read_shards(0, 1, range(20, 40))
+    assert cursor._footers == {}  # dropped with the last slice
 
     stale = cursor._shards
     _wide_bucket_shard(path, shift=1.0)  # the object is replaced; the manifest entry is not

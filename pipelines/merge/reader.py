@@ -63,6 +63,10 @@ class ShardCursor:
         self._shards = list(shards)
         self._last_key: int | None = None
         self._manifest_path = manifest_path
+        # The footers of the shards a table's slices are reading, kept from one slice
+        # to the next so that only the first reads them (from GCS a read is a request),
+        # and dropped with the last slice.
+        self._footers: dict[str, pq.FileMetaData] = {}
 
     def read_shards(self, first: int, count: int, features: range | None = None) -> pa.Table:
         """The rows of shards ``first`` to ``first + count - 1``: every column, or the
@@ -78,8 +82,15 @@ class ShardCursor:
         if features is not None:
             names = [self.schema.names[0]] + self.schema.names[1:][features.start:features.stop]
         first_read = features is None or features.start == 0
-        parts = [self._read(path, entry, names, first_read)
-                 for path, entry in self._shards[first:first + count]]
+        shards = self._shards[first:first + count]
+        parts = [self._read(path, entry, names, first_read) for path, entry in shards]
+        if features is not None:
+            # The last slice is done with the footers; any of another row group (kept
+            # by a slice that finished after the last one) is stale.
+            last, paths = features.stop >= len(self.schema) - 1, {p for p, _ in shards}
+            for path in list(self._footers):  # a copy: other slices may add to it meanwhile
+                if last or path not in paths:
+                    self._footers.pop(path, None)
         if not parts:
             empty = self.schema.empty_table()
             return empty if names is None else empty.select(names)
@@ -99,7 +110,7 @@ class ShardCursor:
                 # One read of the slice's column chunks (they are consecutive), not one
                 # per column chunk: from GCS each read is a request.
                 return self._decode(path, entry, source, names, False, first_read,
-                                    pre_buffer=True)
+                                    footer=path)
         except FileNotFoundError:
             raise PipelineError(f"checkpoint missing: {path} ({self.label})") from None
         except OSError as exc:  # a folder in its place, no permission, a failed request
@@ -107,13 +118,19 @@ class ShardCursor:
                                 f"{_first_line(exc)}") from None
 
     def _decode(self, path: str, entry: dict[str, Any], source, names: list[str] | None,
-                read_checked: bool, check_keys: bool, pre_buffer: bool = False) -> pa.Table:
+                read_checked: bool, check_keys: bool, footer: str | None = None) -> pa.Table:
         """Decode ``names`` (None: every column) of the shard in ``source``, checking its
         schema and rows, and its keys when ``check_keys``. When ``read_checked`` the
         bytes decoded are the ones whose CRC32C was checked, so an error is damage;
-        otherwise it may also be a read that failed."""
+        otherwise it may also be a read that failed. With ``footer`` (the shard's path)
+        the read is a slice's: its column chunks come in one ranged read, and the
+        shard's footer is kept for the table's next slice."""
         try:
-            pf = pq.ParquetFile(source, page_checksum_verification=True, pre_buffer=pre_buffer)
+            pf = pq.ParquetFile(source, page_checksum_verification=True,
+                                pre_buffer=footer is not None,
+                                metadata=self._footers.get(footer) if footer else None)
+            if footer:
+                self._footers[footer] = pf.metadata
             actual = pf.schema_arrow.remove_metadata()
             # Columns are named by the expected schema: check it before reading them.
             table = pf.read(columns=names, use_threads=False) if actual.equals(self.schema) else None
