@@ -1,5 +1,5 @@
-"""``python -m bench.memory --rows 10000 --rows 100000 [--memory-budget 1GiB ...] [--work DIR]
-[--keep]``: where a merge's memory goes.
+"""``python -m bench.memory --rows 10000 --rows 100000 [--memory-budget 1GiB ...]
+[--column-batch-size 48MiB ...] [--work DIR] [--keep]``: where a merge's memory goes.
 
 For each row count it writes a full-width synthetic pair (bench/synthetic.py; reused when
 ``--work`` already holds ``ck{rows}``, the layout ``bench.merge`` uses) and runs one merge
@@ -20,7 +20,8 @@ the merge, the encoders are the slower stage, and the next column batch waits jo
 beside the one being encoded.
 
 With several ``--memory-budget`` values each row count is merged once per budget, which
-tells memory that follows the budget from memory that follows the rows; with
+tells memory that follows the budget from memory that follows the rows; several
+``--column-batch-size`` values merge it once per largest column batch (and budget); with
 ``--row-group-rows`` a pair is merged in smaller row groups, which tells memory that
 follows the rows from memory that follows the row group.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import json
 import logging
 import os
@@ -90,14 +92,18 @@ class _WriterWait(logging.Handler):
             self.seconds = (float(m.group(1)), float(m.group(2)))
 
 
-def _merge_options(memory_budget: str | None, row_group_rows: int | None) -> list[str]:
-    """The merge's options for a budget and row-group rows (None: the merge's default)."""
+def _merge_options(memory_budget: str | None, row_group_rows: int | None,
+                   column_batch_size: str | None = None) -> list[str]:
+    """The merge's options for a budget, row-group rows and largest column batch (None:
+    the merge's default)."""
     return ((["--memory-budget", memory_budget] if memory_budget else [])
-            + (["--row-group-rows", str(row_group_rows)] if row_group_rows else []))
+            + (["--row-group-rows", str(row_group_rows)] if row_group_rows else [])
+            + (["--column-batch-size", column_batch_size] if column_batch_size else []))
 
 
 def sample_merge(root: str, pair: str, output: str, method: str = "polars",
-                 memory_budget: str | None = None, row_group_rows: int | None = None) -> dict:
+                 memory_budget: str | None = None, row_group_rows: int | None = None,
+                 column_batch_size: str | None = None) -> dict:
     """Merge ``root``'s extraction of ``pair`` into ``output`` in this process while
     sampling its memory; returns the sample at the RSS peak and the medians over the
     middle 80% of the run (bytes), the sample count, and the seconds the column batches
@@ -126,7 +132,7 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
     try:
         code = job.run(["--pair", pair, "--method", method, "--checkpoint-root", root,
                         "--output", output, "--overwrite"]
-                       + _merge_options(memory_budget, row_group_rows))
+                       + _merge_options(memory_budget, row_group_rows, column_batch_size))
     finally:
         stop.set()
         sampler.join()
@@ -142,15 +148,16 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
             "waited": wait.seconds and wait.seconds[1]}
 
 
-def _table(results: dict[tuple[int, str], dict]) -> str:
-    lines = [f"{'rows':>8} {'budget':>8} {'':>6} " + " ".join(f"{f + ' MiB':>10}" for f in FIELDS)
+def _table(results: dict[tuple[int, str, str], dict]) -> str:
+    lines = [f"{'rows':>8} {'budget':>8} {'batch':>8} {'':>6} "
+             + " ".join(f"{f + ' MiB':>10}" for f in FIELDS)
              + "  waited for the encoders"]
-    for (rows, budget), r in results.items():
+    for (rows, budget, batch), r in results.items():
         for which in ("peak", "median"):
             waited = ""
             if which == "peak" and r.get("waited") is not None:
                 waited = f"  {r['waited']:.1f} of {r['batches']:.1f} s"
-            lines.append(f"{rows:>8,} {budget:>8} {which:>6} " + " ".join(
+            lines.append(f"{rows:>8,} {budget:>8} {batch:>8} {which:>6} " + " ".join(
                 f"{r[which][f] / 2**20:>10.0f}" for f in FIELDS) + waited)
     return "\n".join(lines)
 
@@ -163,6 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, action="append", help="spine rows (repeatable); default 20000")
     p.add_argument("--memory-budget", action="append",
                    help="the merge's --memory-budget (repeatable); default the merge's own")
+    p.add_argument("--column-batch-size", action="append",
+                   help="the merge's --column-batch-size (repeatable); default the merge's own")
     p.add_argument("--row-group-rows", type=int,
                    help="the merge's --row-group-rows; default the merge's own")
     p.add_argument("--method", default="polars", choices=("polars", "duckdb"))
@@ -172,23 +181,27 @@ def main(argv=None) -> int:
     p.add_argument("--one", nargs=2, metavar=("ROOT", "OUTPUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     from pipelines.errors import PipelineError
-    from pipelines.merge.budget import DEFAULT_BUDGET, parse_size
+    from pipelines.merge.budget import BATCH_BYTES_MAX, DEFAULT_BUDGET, parse_size
 
     # Checked before any data is generated, which takes minutes at full width.
-    for budget in args.memory_budget or []:
-        try:
+    try:
+        for budget in args.memory_budget or []:
             parse_size(budget)
-        except PipelineError as exc:
-            p.error(str(exc))
+        for batch in args.column_batch_size or []:
+            if parse_size(batch, "--column-batch-size") <= 0:
+                raise PipelineError(f"--column-batch-size must be more than 0 bytes, not {batch}")
+    except PipelineError as exc:
+        p.error(str(exc))
     if args.row_group_rows is not None and args.row_group_rows < 1:
         p.error(f"--row-group-rows must be at least 1, not {args.row_group_rows}")
     if args.one:  # the measured process: one merge, its figures as JSON on stdout's last line
         result = sample_merge(args.one[0], args.pair, args.one[1], args.method,
-                              (args.memory_budget or [None])[0], args.row_group_rows)
+                              (args.memory_budget or [None])[0], args.row_group_rows,
+                              (args.column_batch_size or [None])[0])
         print(json.dumps(result))
         return 0
     work = args.work or tempfile.mkdtemp(prefix="bqx-bench-memory-")
-    results: dict[tuple[int, str], dict] = {}
+    results: dict[tuple[int, str, str], dict] = {}
     try:
         for rows in args.rows or [20000]:
             root = os.path.join(work, f"ck{rows}")
@@ -196,15 +209,18 @@ def main(argv=None) -> int:
             if not os.path.isdir(root):
                 from bench.synthetic import make_checkpoints
                 make_checkpoints(root, args.pair, rows, log=lambda *a: None)
-            for budget in args.memory_budget or [None]:
+            for budget, batch in itertools.product(args.memory_budget or [None],
+                                                   args.column_batch_size or [None]):
                 out = subprocess.run([sys.executable, "-m", "bench.memory", "--one", root, output,
                                       "--pair", args.pair, "--method", args.method]
-                                     + _merge_options(budget, args.row_group_rows),
+                                     + _merge_options(budget, args.row_group_rows, batch),
                                      stdout=subprocess.PIPE, text=True)
                 if out.returncode != 0:
+                    at = " and ".join(v for v in (budget, batch and f"batches of {batch}") if v)
                     raise SystemExit(f"the measured merge of {rows} rows"
-                                     f"{' at ' + budget if budget else ''} exited {out.returncode}")
-                results[rows, budget or DEFAULT_BUDGET] = json.loads(out.stdout.strip().splitlines()[-1])
+                                     f"{' at ' + at if at else ''} exited {out.returncode}")
+                results[rows, budget or DEFAULT_BUDGET, batch or f"{BATCH_BYTES_MAX >> 20}MiB"] = (
+                    json.loads(out.stdout.strip().splitlines()[-1]))
             from pipelines.validate import default_report_path
             for leftover in (output, default_report_path(output)):
                 if os.path.exists(leftover):

@@ -188,6 +188,8 @@ def test_merge_does_not_overwrite_without_flag(extracted, tmp_path):
     (["--method", "pandas"], "unknown merge method 'pandas'"),
     (["--memory-budget", "lots"], "--memory-budget 'lots'"),
     (["--row-group-rows", "0"], "--row-group-rows must be at least 1, not 0"),
+    (["--column-batch-size", "big"], "--column-batch-size 'big' is not a size"),
+    (["--column-batch-size", "0"], "--column-batch-size must be more than 0 bytes"),
 ])
 def test_merge_bad_options(extracted, tmp_path, args, expected):
     proc = _merge(extracted, str(tmp_path / "o.parquet"), *args)

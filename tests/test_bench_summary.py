@@ -51,7 +51,7 @@ def test_the_size_comparison_with_polars_is_broken_down_by_column_type(tmp_path)
 
 
 def test_bad_memory_benchmark_options_are_refused_before_any_data_is_made(capsys, tmp_path):
-    """bench.memory checks --memory-budget and --row-group-rows first: generating a
+    """bench.memory checks --memory-budget, --row-group-rows and --column-batch-size first: generating a
     full-width pair takes minutes, and the merge would refuse them only after that."""
     import pytest
 
@@ -60,7 +60,10 @@ def test_bad_memory_benchmark_options_are_refused_before_any_data_is_made(capsys
     work = tmp_path / "work"
     for argv, message in ((["--memory-budget", "1.5GiB", "--memory-budget", "lots"],
                            "--memory-budget 'lots' is not a size like 1GiB or 800MB"),
-                          (["--row-group-rows", "0"], "--row-group-rows must be at least 1, not 0")):
+                          (["--row-group-rows", "0"], "--row-group-rows must be at least 1, not 0"),
+                          (["--column-batch-size", "huge"],
+                           "--column-batch-size 'huge' is not a size like 1GiB or 800MB"),
+                          (["--column-batch-size", "0"], "--column-batch-size must be more than 0")):
         with pytest.raises(SystemExit) as exc:
             memory.main(["--rows", "10", "--work", str(work), *argv])
         assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -177,11 +177,12 @@ def test_columns_out_of_order_or_short_row_groups_are_refused():
 def test_row_group_rows_shapes_the_file_not_its_content(extracted, tmp_path):
     """One day per row group (the test pair spans two days) or one row group in all,
     and a budget that forces one table per column batch and reads tables in slices of
-    columns (with either join): the same rows either way."""
+    columns (with either join), or a small --column-batch-size: the same rows either way."""
     outputs = {}
     for name, args in {"one": [], "daily": ["--row-group-rows", "1440"],
                        "tiny_batches": ["--memory-budget", "401MiB"],
                        "tiny_batches_duckdb": ["--memory-budget", "401MiB", "--method", "duckdb"],
+                       "tiny_column_batch_size": ["--column-batch-size", "256KiB"],
                        }.items():
         out = str(tmp_path / f"{name}.parquet")
         proc = run_module("pipelines.merge", "--pair", "eurusd", "--checkpoint-root", extracted,
@@ -194,7 +195,7 @@ def test_row_group_rows_shapes_the_file_not_its_content(extracted, tmp_path):
     assert outputs["daily"].num_row_groups == 2
     assert "column batches each" in proc.stderr
     reference = outputs["one"].read()
-    for name in ("daily", "tiny_batches", "tiny_batches_duckdb"):
+    for name in ("daily", "tiny_batches", "tiny_batches_duckdb", "tiny_column_batch_size"):
         assert outputs[name].read().equals(reference), name
 
 

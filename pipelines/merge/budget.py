@@ -19,22 +19,23 @@ ROW_GROUP_ROWS = 131_072
 # shards' bytes, allocator slack. Measured: 4.0 gave 1.67 GiB peak RSS for a 1.5 GiB
 # budget (100,000 rows, full width, polars); 4.6 copies were alive at the peak.
 BATCH_COPIES = 5.5
-# The largest column batch, whatever the budget: a batch is encoded while the next is
-# read and joined, and a larger one only makes the encoders wait longer, joined, beside
-# the one being encoded. Measured at 10,000 and 100,000 rows (BENCHMARKS.md, "Column
-# batches of at most 48 MiB"): batches of 206, 103, 51 and 26 MiB took the same time,
-# within the machine's spread, and peak RSS fell with each.
+# The largest column batch, whatever the budget (the merge's --column-batch-size): a
+# batch is encoded while the next is read and joined, and a larger one only makes the
+# next wait longer, joined, beside the one being encoded. BENCHMARKS.md, "Column batch
+# size": from 206 MiB (what the default budget gave before) down to 48 MiB the merge
+# took the same time and peak RSS fell with each step.
 BATCH_BYTES_MAX = 48 << 20
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20,
           "mb": 1000 ** 2, "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30}
 
 
-def parse_size(text: str) -> int:
-    """Parse sizes like ``1.5GiB``, ``800MB``, ``2G`` or a plain byte count."""
+def parse_size(text: str, option: str = "--memory-budget") -> int:
+    """Parse sizes like ``1.5GiB``, ``800MB``, ``2G`` or a plain byte count (the value
+    of ``option``, which an error names)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise PipelineError(f"--memory-budget {text!r} is not a size like 1GiB or 800MB")
+        raise PipelineError(f"{option} {text!r} is not a size like 1GiB or 800MB")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -69,8 +70,9 @@ def pack(sizes: list[float], limit: float, first_limit: float | None = None) -> 
     return runs
 
 
-def column_batches(tables: list[list[int]], rows: int, budget: int) -> list[list[tuple[int, int, int]]]:
-    """Cut the tables' columns into column batches that fit ``budget`` for ``rows`` rows.
+def column_batches(tables: list[list[int]], rows: int, limit: float) -> list[list[tuple[int, int, int]]]:
+    """Cut the tables' columns into column batches of at most ``limit`` bytes (see
+    :func:`batch_bytes`) for ``rows`` rows.
 
     ``tables[i]`` holds the bytes per row of each column table ``i`` adds to the output
     (table 0, the spine, adds its key and targets; the others their features). A batch
@@ -83,7 +85,6 @@ def column_batches(tables: list[list[int]], rows: int, budget: int) -> list[list
     The spine is never cut; a column larger than a slice is a slice of its own. The
     first batch is a quarter of a batch too: nothing can be encoded until it is read
     and joined, so a small one lets the encoders start sooner."""
-    limit = batch_bytes(budget)
     runs: list[tuple[int, int, int]] = []
     sizes: list[float] = []
     for table, columns in enumerate(tables):
@@ -102,12 +103,15 @@ def column_batches(tables: list[list[int]], rows: int, budget: int) -> list[list
     return batches
 
 
-def batch_bytes(budget: int) -> float:
-    """The bytes of one column batch of the merge (its first is a quarter of that)."""
-    return min(_usable(budget) / BATCH_COPIES, BATCH_BYTES_MAX)
+def batch_bytes(budget: int, largest: int = BATCH_BYTES_MAX) -> float:
+    """The bytes of one column batch of a merge within ``budget``, at most ``largest``
+    (its first batch is a quarter of that)."""
+    if largest <= 0:
+        raise PipelineError(f"--column-batch-size must be more than 0 bytes, not {largest}")
+    return min(_usable(budget) / BATCH_COPIES, largest)
 
 
-def validation_columns(rows: int, budget: int) -> int:
-    """Columns per read when validating row groups of ``rows`` rows within ``budget``:
-    a column batch's worth of float64 columns."""
-    return int(max(16, min(2000, batch_bytes(budget) / (max(rows, 1) * 8))))
+def validation_columns(rows: int, limit: float) -> int:
+    """Columns per read when validating row groups of ``rows`` rows: a column batch's
+    worth (``limit`` bytes, see :func:`batch_bytes`) of float64 columns."""
+    return int(max(16, min(2000, limit / (max(rows, 1) * 8))))

@@ -96,8 +96,13 @@ def default_bigquery_output() -> str:
 
 
 def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
-          overwrite: bool = False, row_group_rows: int = budgets.ROW_GROUP_ROWS) -> dict:
+          overwrite: bool = False, row_group_rows: int = budgets.ROW_GROUP_ROWS,
+          column_batch_size: int = budgets.BATCH_BYTES_MAX) -> dict:
     """Merge a committed extraction into ``output``; return the validation report dict.
+
+    Row groups hold whole shards up to ``row_group_rows`` rows; each is written a column
+    batch at a time, batches of at most ``column_batch_size`` bytes that fit
+    ``memory_budget`` (:func:`pipelines.merge.budget.batch_bytes`).
 
     The file appears at ``output`` only after it was written completely and passed
     validation; on any failure nothing is left behind. A local output is written beside
@@ -109,6 +114,7 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
     (:func:`pipelines.storage.remove_stale_temporaries`).
     """
     joiner_cls = joiner_class(method)
+    batch = budgets.batch_bytes(memory_budget, column_batch_size)
     if not storage.is_gcs(output) and os.path.isdir(output):
         raise PipelineError(f"output {output} is a folder; give the training file's path")
     if storage.exists(output) and not overwrite:
@@ -149,7 +155,7 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
                                                    "spine_digest": written.digest,
                                                    "pair": manifest.pair},
                                    columns_per_batch=budgets.validation_columns(
-                                       min(row_group_rows, spine_total), memory_budget),
+                                       min(row_group_rows, spine_total), batch),
                                    counted=written.counts)
             vout.update(ok=result.ok)
         if not result.ok:
@@ -160,7 +166,7 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
 
     try:
         with cli.stage("merge", method=method, columns=len(schema), spine_rows=spine_total,
-                       row_group_rows=row_group_rows) as out:
+                       row_group_rows=row_group_rows, column_batch_mib=round(batch / 2**20, 1)) as out:
             for stale in storage.remove_stale_temporaries(output):
                 log.warning("removed %s, left behind by an earlier run", stale)
             if storage.is_gcs(output):
@@ -168,13 +174,13 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
                     log.info("[merge] streaming to %s", staged.path)
                     with staged.open_write() as sink:
                         written = _merge_row_groups(manifest, specs, schema, sink, joiner_cls,
-                                                    row_group_rows, memory_budget, scratch)
+                                                    row_group_rows, memory_budget, batch, scratch)
                     report = validated(staged.path, written)
                     _write_report(report, output)
             else:
                 with storage.atomic_local_path(output) as tmp:
                     written = _merge_row_groups(manifest, specs, schema, tmp, joiner_cls,
-                                                row_group_rows, memory_budget, scratch)
+                                                row_group_rows, memory_budget, batch, scratch)
                     report = validated(tmp, written)
                     _write_report(report, output)
             out.update(output=output, rows=spine_total)
@@ -224,9 +230,10 @@ def _without_cyclic_gc():
 
 @_without_cyclic_gc()
 def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner_cls,
-                      row_group_rows: int, memory_budget: int, scratch: str) -> Written:
-    """Stream every row group, a column batch at a time, through the join into ``path``
-    (a local path or a writable binary stream)."""
+                      row_group_rows: int, memory_budget: int, batch_bytes: float,
+                      scratch: str) -> Written:
+    """Stream every row group, a column batch (at most ``batch_bytes``) at a time,
+    through the join into ``path`` (a local path or a writable binary stream)."""
     key = manifest.key
     listed_in = checkpoints.manifest_path(manifest.root, manifest.pair, manifest.window)
     cursors = [
@@ -244,7 +251,7 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
     # slices; a batch's size, not the row group's, is what the budget bounds.
     own_columns = [list(c.schema) if i == 0 else list(c.schema)[1:] for i, c in enumerate(cursors)]
     batches = budgets.column_batches([[budgets.column_bytes(f) for f in fields] for fields in own_columns],
-                                     largest, memory_budget)
+                                     largest, batch_bytes)
     # The digest goes in the footer; computing it first from the key column alone
     # (a few MB even for the full history) lets the footer be written in one go.
     spine_keys = _spine_keys(manifest, specs[0])
@@ -376,6 +383,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--end-date", default=cli.env_default("END_DATE"))
     p.add_argument("--catalog", default=cli.env_default("BQX_CATALOG"), help="catalog TOML file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--column-batch-size", default=cli.env_default("COLUMN_BATCH_SIZE"),
+                   help=f"the largest column batch [COLUMN_BATCH_SIZE] (default "
+                        f"{budgets.BATCH_BYTES_MAX >> 20}MiB; larger ones cost memory and bought "
+                        f"no speed, see BENCHMARKS.md)")
     p.add_argument("--row-group-rows", type=int, default=None,
                    help=f"rows per row group of the training file: whole checkpoint shards up to this "
                         f"[ROW_GROUP_ROWS] (default {budgets.ROW_GROUP_ROWS})")
@@ -405,6 +416,9 @@ def run(argv: list[str] | None = None) -> int:
     if args.method != "bigquery" and args.dry_run:
         raise PipelineError("--dry-run is only for --method bigquery")
     memory_budget = budgets.parse_size(args.memory_budget)
+    column_batch_size = (budgets.BATCH_BYTES_MAX if args.column_batch_size is None else
+                         budgets.parse_size(args.column_batch_size, "--column-batch-size"))
+    budgets.batch_bytes(memory_budget, column_batch_size)  # both refused here if unusable
     if args.row_group_rows is None:
         args.row_group_rows = cli.env_number("ROW_GROUP_ROWS", budgets.ROW_GROUP_ROWS, int, minimum=1)
     elif args.row_group_rows < 1:
@@ -434,7 +448,7 @@ def run(argv: list[str] | None = None) -> int:
                   f"{bq_merge.LAYOUT_NAME} written)")
         return cli.EXIT_OK
     report = merge(manifest, output, args.method, memory_budget, overwrite=args.overwrite,
-                   row_group_rows=args.row_group_rows)
+                   row_group_rows=args.row_group_rows, column_batch_size=column_batch_size)
     print(report.summary())
     log.info("[merge] %s: %d rows x %d columns in %.1fs; report %s", output, report.rows,
              report.columns, time.monotonic() - started, default_report_path(output))
