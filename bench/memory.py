@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     p.add_argument("--one", nargs=2, metavar=("ROOT", "OUTPUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     from pipelines.errors import PipelineError
-    from pipelines.merge.budget import BATCH_BYTES_MAX, DEFAULT_BUDGET, parse_size
+    from pipelines.merge.budget import DEFAULT_BUDGET, parse_size
 
     # Checked before any data is generated, which takes minutes at full width.
     try:
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
                     at = " and ".join(v for v in (budget, batch and f"batches of {batch}") if v)
                     raise SystemExit(f"the measured merge of {rows} rows"
                                      f"{' at ' + at if at else ''} exited {out.returncode}")
-                results[rows, budget or DEFAULT_BUDGET, batch or f"{BATCH_BYTES_MAX >> 20}MiB"] = (
+                results[rows, budget or DEFAULT_BUDGET, batch or "budget's"] = (
                     json.loads(out.stdout.strip().splitlines()[-1]))
             from pipelines.validate import default_report_path
             for leftover in (output, default_report_path(output)):

@@ -19,12 +19,6 @@ ROW_GROUP_ROWS = 131_072
 # shards' bytes, allocator slack. Measured: 4.0 gave 1.67 GiB peak RSS for a 1.5 GiB
 # budget (100,000 rows, full width, polars); 4.6 copies were alive at the peak.
 BATCH_COPIES = 5.5
-# The largest column batch, whatever the budget (the merge's --column-batch-size): a
-# batch is encoded while the next is read and joined, and a larger one only makes the
-# next wait longer, joined, beside the one being encoded. BENCHMARKS.md, "Column batch
-# size": from 206 MiB (what the default budget gave before) down to 48 MiB the merge
-# took the same time and peak RSS fell with each step.
-BATCH_BYTES_MAX = 48 << 20
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20,
           "mb": 1000 ** 2, "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30}
@@ -103,12 +97,17 @@ def column_batches(tables: list[list[int]], rows: int, limit: float) -> list[lis
     return batches
 
 
-def batch_bytes(budget: int, largest: int = BATCH_BYTES_MAX) -> float:
+def batch_bytes(budget: int, largest: int | None = None) -> float:
     """The bytes of one column batch of a merge within ``budget``, at most ``largest``
-    (its first batch is a quarter of that)."""
-    if largest <= 0:
+    (the merge's --column-batch-size) when given; its first batch is a quarter of that.
+
+    Smaller batches than the budget allows lower peak RSS and cost time: at 100,000 rows
+    48 MiB batches peaked at ~0.5 GiB against ~0.85 with the default budget's 206 MiB,
+    and took ~10% longer (BENCHMARKS.md, "Column batch size")."""
+    if largest is not None and largest <= 0:
         raise PipelineError(f"--column-batch-size must be more than 0 bytes, not {largest}")
-    return min(_usable(budget) / BATCH_COPIES, largest)
+    usable = _usable(budget) / BATCH_COPIES
+    return usable if largest is None else min(usable, largest)
 
 
 def validation_columns(rows: int, limit: float) -> int:

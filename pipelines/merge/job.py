@@ -97,12 +97,12 @@ def default_bigquery_output() -> str:
 
 def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
           overwrite: bool = False, row_group_rows: int = budgets.ROW_GROUP_ROWS,
-          column_batch_size: int = budgets.BATCH_BYTES_MAX) -> dict:
+          column_batch_size: int | None = None) -> dict:
     """Merge a committed extraction into ``output``; return the validation report dict.
 
     Row groups hold whole shards up to ``row_group_rows`` rows; each is written a column
-    batch at a time, batches of at most ``column_batch_size`` bytes that fit
-    ``memory_budget`` (:func:`pipelines.merge.budget.batch_bytes`).
+    batch at a time, batches that fit ``memory_budget`` and hold at most
+    ``column_batch_size`` bytes when given (:func:`pipelines.merge.budget.batch_bytes`).
 
     The file appears at ``output`` only after it was written completely and passed
     validation; on any failure nothing is left behind. A local output is written beside
@@ -277,8 +277,7 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
                            key=schema.names.index)
     # Batch k is encoded and written behind the main thread (pyarrow releases the GIL)
     # while batch k+1 is read and joined: two batches are alive at once, which the
-    # budget model counts (budget.BATCH_COPIES), and which is why a batch is small
-    # (budget.BATCH_BYTES_MAX).
+    # budget model counts (budget.BATCH_COPIES).
     readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="merge-reader")
     try:
         for first, count in zip(bounds[:-1].tolist(), groups):
@@ -384,9 +383,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--catalog", default=cli.env_default("BQX_CATALOG"), help="catalog TOML file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--column-batch-size", default=cli.env_default("COLUMN_BATCH_SIZE"),
-                   help=f"the largest column batch [COLUMN_BATCH_SIZE] (default "
-                        f"{budgets.BATCH_BYTES_MAX >> 20}MiB; larger ones cost memory and bought "
-                        f"no speed, see BENCHMARKS.md)")
+                   help="the largest column batch [COLUMN_BATCH_SIZE] (default: what "
+                        "--memory-budget allows, 206MiB at 1.5GiB); smaller ones lower peak "
+                        "memory and cost time, see BENCHMARKS.md")
     p.add_argument("--row-group-rows", type=int, default=None,
                    help=f"rows per row group of the training file: whole checkpoint shards up to this "
                         f"[ROW_GROUP_ROWS] (default {budgets.ROW_GROUP_ROWS})")
@@ -416,7 +415,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.method != "bigquery" and args.dry_run:
         raise PipelineError("--dry-run is only for --method bigquery")
     memory_budget = budgets.parse_size(args.memory_budget)
-    column_batch_size = (budgets.BATCH_BYTES_MAX if args.column_batch_size is None else
+    column_batch_size = (None if args.column_batch_size is None else
                          budgets.parse_size(args.column_batch_size, "--column-batch-size"))
     budgets.batch_bytes(memory_budget, column_batch_size)  # both refused here if unusable
     if args.row_group_rows is None:
