@@ -1,5 +1,5 @@
 """``python -m bench.memory --rows 10000 --rows 100000 [--memory-budget 1GiB ...]
-[--column-batch-size 48MiB ...] [--work DIR] [--keep]``: where a merge's memory goes.
+[--column-batch-size 48MiB ...] [--cpus 1] [--work DIR] [--keep]``: where a merge's memory goes.
 
 For each row count it writes a full-width synthetic pair (bench/synthetic.py; reused when
 ``--work`` already holds ``ck{rows}``, the layout ``bench.merge`` uses) and runs one merge
@@ -23,7 +23,9 @@ With several ``--memory-budget`` values each row count is merged once per budget
 tells memory that follows the budget from memory that follows the rows; several
 ``--column-batch-size`` values merge it once per largest column batch (and budget); with
 ``--row-group-rows`` a pair is merged in smaller row groups, which tells memory that
-follows the rows from memory that follows the row group.
+follows the rows from memory that follows the row group. With ``--cpus 1`` each merge runs
+on one core (its process pinned with ``sched_setaffinity``), as in the 1 vCPU merge job:
+there the encoders fall further behind reading, which is where a column batch waits.
 """
 from __future__ import annotations
 
@@ -174,6 +176,8 @@ def main(argv=None) -> int:
                    help="the merge's --column-batch-size (repeatable); default the merge's own")
     p.add_argument("--row-group-rows", type=int,
                    help="the merge's --row-group-rows; default the merge's own")
+    p.add_argument("--cpus", type=int,
+                   help="run each merge on this many cores (pinned); default all of them")
     p.add_argument("--method", default="polars", choices=("polars", "duckdb"))
     p.add_argument("--pair", default="eurusd")
     p.add_argument("--work", help="folder for the data (default: a temp folder)")
@@ -194,10 +198,17 @@ def main(argv=None) -> int:
         p.error(str(exc))
     if args.row_group_rows is not None and args.row_group_rows < 1:
         p.error(f"--row-group-rows must be at least 1, not {args.row_group_rows}")
+    cores = sorted(os.sched_getaffinity(0))
+    if args.cpus is not None and not 1 <= args.cpus <= len(cores):
+        p.error(f"--cpus must be from 1 to the {len(cores)} core(s) this process may use, not {args.cpus}")
     if args.one:  # the measured process: one merge, its figures as JSON on stdout's last line
+        if args.cpus:
+            # Before the merge starts a thread pool: Polars sizes its own by the cores it may use.
+            os.sched_setaffinity(0, cores[:args.cpus])
         result = sample_merge(args.one[0], args.pair, args.one[1], args.method,
                               (args.memory_budget or [None])[0], args.row_group_rows,
                               (args.column_batch_size or [None])[0])
+        result["cpus"] = len(os.sched_getaffinity(0))
         print(json.dumps(result))
         return 0
     work = args.work or tempfile.mkdtemp(prefix="bqx-bench-memory-")
@@ -213,6 +224,7 @@ def main(argv=None) -> int:
                                                    args.column_batch_size or [None]):
                 out = subprocess.run([sys.executable, "-m", "bench.memory", "--one", root, output,
                                       "--pair", args.pair, "--method", args.method]
+                                     + (["--cpus", str(args.cpus)] if args.cpus else [])
                                      + _merge_options(budget, args.row_group_rows, batch),
                                      stdout=subprocess.PIPE, text=True)
                 if out.returncode != 0:
@@ -233,7 +245,8 @@ def main(argv=None) -> int:
     print(f"\n`{args.method}` merge, memory at the RSS peak and medians over the middle 80% "
           f"of the run (file: file-backed pages; arrow: allocated from Arrow's pool; glibc: "
           f"held by malloc; rest: other anonymous memory)"
-          + (f"; --row-group-rows {args.row_group_rows}" if args.row_group_rows else ""))
+          + (f"; --row-group-rows {args.row_group_rows}" if args.row_group_rows else "")
+          + (f"; on {args.cpus} core(s)" if args.cpus else ""))
     print(_table(results))
     return 0
 

@@ -30,3 +30,18 @@ def test_the_memory_benchmark_splits_rss_into_its_parts(extracted, tmp_path):
     assert max(r["peak"]["arrow"], r["median"]["arrow"]) > 0
     # The merge's own figure of its stages, read from its log line.
     assert r["batches"] > 0 and 0 <= r["waited"] <= r["batches"]
+
+
+def test_the_memory_benchmark_runs_a_merge_on_the_cores_it_is_given(extracted, tmp_path):
+    """bench.memory --cpus 1: the measured merge's process may use one core (the 1 vCPU
+    merge job), and still merges."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "bench.memory", "--one", extracted,
+                          str(tmp_path / "t.parquet"), "--cpus", "1"],
+                         stdout=subprocess.PIPE, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["cpus"] == 1 and result["batches"] > 0
+    assert (tmp_path / "t.parquet").exists()

@@ -103,7 +103,7 @@ def batch_bytes(budget: int, largest: int | None = None) -> float:
 
     Smaller batches than the budget allows lower peak RSS and cost time: at 100,000 rows
     48 MiB batches peaked at ~0.5 GiB against ~0.9 with the default budget's 206 MiB,
-    and took 12-14% longer (BENCHMARKS.md, "Column batch size")."""
+    and took 13-14% longer (BENCHMARKS.md, "Column batch size")."""
     if largest is not None and largest <= 0:
         raise PipelineError(f"--column-batch-size must be more than 0 bytes, not {largest}")
     usable = _usable(budget) / BATCH_COPIES
