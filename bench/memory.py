@@ -185,15 +185,14 @@ def main(argv=None) -> int:
     p.add_argument("--one", nargs=2, metavar=("ROOT", "OUTPUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     from pipelines.errors import PipelineError
-    from pipelines.merge.budget import DEFAULT_BUDGET, parse_size
+    from pipelines.merge.budget import DEFAULT_BUDGET, batch_bytes, parse_size
 
-    # Checked before any data is generated, which takes minutes at full width.
+    # Checked before any data is generated, which takes minutes at full width, by the
+    # merge's own checks of these options.
     try:
-        for budget in args.memory_budget or []:
-            parse_size(budget)
-        for batch in args.column_batch_size or []:
-            if parse_size(batch, "--column-batch-size") <= 0:
-                raise PipelineError(f"--column-batch-size must be more than 0 bytes, not {batch}")
+        for budget, batch in itertools.product(args.memory_budget or [DEFAULT_BUDGET],
+                                               args.column_batch_size or [None]):
+            batch_bytes(parse_size(budget), batch and parse_size(batch, "--column-batch-size"))
     except PipelineError as exc:
         p.error(str(exc))
     if args.row_group_rows is not None and args.row_group_rows < 1:

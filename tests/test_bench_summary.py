@@ -64,6 +64,7 @@ def test_bad_memory_benchmark_options_are_refused_before_any_data_is_made(capsys
                           (["--column-batch-size", "huge"],
                            "--column-batch-size 'huge' is not a size like 1GiB or 800MB"),
                           (["--column-batch-size", "0"], "--column-batch-size must be more than 0"),
+                          (["--memory-budget", "100MiB"], "is below the merge's fixed overhead"),
                           (["--cpus", "0"], "--cpus must be from 1 to the"),
                           (["--cpus", "100000"], "--cpus must be from 1 to the")):
         with pytest.raises(SystemExit) as exc:

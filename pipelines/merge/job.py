@@ -262,7 +262,8 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
     sliced = {t for b in batches for t, a, z in b if t and _features(own_columns[t], a, z)}
     table_bytes = [sum(shard["bytes"] for shard in entry["shards"]) for entry in manifest.tables]
     log.info("[merge] %d row group(s) of up to %d rows, %d column batches each "
-             "(%d wide table(s) read in slices of columns: %.2f of %.2f GiB of checkpoints)", len(groups), largest, len(batches), len(sliced),
+             "(%d wide table(s) read in slices of columns: %.2f of %.2f GiB of checkpoints)",
+             len(groups), largest, len(batches), len(sliced),
              sum(table_bytes[t] for t in sliced) / 2**30, sum(table_bytes) / 2**30)
     done = rows = 0
     merging = time.monotonic()
