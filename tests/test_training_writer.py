@@ -6,7 +6,6 @@ writer makes of the whole table with the same row groups and options.
 import io
 import os
 import re
-import threading
 
 import duckdb
 import numpy as np
@@ -257,8 +256,8 @@ def test_a_file_that_is_not_the_bytes_written_is_not_published(extracted, tmp_pa
 
 def test_a_failure_behind_the_caller_is_raised_by_its_next_call():
     """Batches are appended on the writer's own thread. A sink that breaks there (a
-    pipe whose reader went away: EPIPE) fails the caller's next call, a wait for room
-    too, and nothing more is written after it."""
+    pipe whose reader went away: EPIPE) fails the caller's next call, and nothing more
+    is written after it."""
     table = _table(2000)
     read_end, write_end = os.pipe()
     sink = os.fdopen(write_end, "wb", buffering=0)
@@ -266,8 +265,6 @@ def test_a_failure_behind_the_caller_is_raised_by_its_next_call():
     os.close(read_end)
     writer.begin_row_group(2000)
     writer.write_columns(table.select(list(range(0, 20))))  # accepted; fails behind
-    with pytest.raises(BrokenPipeError):  # a caller waiting for room is not left waiting
-        writer.wait_for_room(1, 0)
     with pytest.raises(BrokenPipeError):
         writer.write_columns(table.select(list(range(20, 43))))
     written = writer.nbytes
@@ -303,70 +300,3 @@ def test_column_orders_are_written_for_every_column_or_for_none(monkeypatch, tmp
     monkeypatch.undo()
     footer, _ = read_footer(pa.py_buffer(_assembled(table, [(0, 1000)], [(0, table.num_columns)])))
     assert len(footer[7][1][1]) == table.num_columns
-
-
-class _GatedSink(io.BytesIO):
-    """A sink whose writes wait until ``gate`` is set: a disk or upload slower than
-    the encoders, so that the writer holds what it was given."""
-
-    def __init__(self):
-        super().__init__()
-        self.gate = threading.Event()
-
-    def write(self, data):
-        self.gate.wait(30)
-        return super().write(data)
-
-
-def test_the_caller_waits_for_room_while_the_writer_holds_a_batch():
-    """``wait_for_room`` returns only once the bytes held, plus the caller's, fit the
-    limit; the merge calls it before joining each table of the next batch, so joining
-    runs at most that far ahead of the encoders. Once everything is written the writer
-    holds nothing (its count of bytes held is exact, or callers would wait for ever)."""
-    table = _table(2000)
-    sink = _GatedSink()
-    sink.gate.set()
-    writer = TrainingFileWriter(sink, table.schema, {}, threads=2)  # writes the magic
-    sink.gate.clear()
-    writer.begin_row_group(2000)
-    writer.write_columns(table.select(list(range(0, 20))))
-    assert writer.held > 0
-    writer.wait_for_room(0, 2 * table.nbytes)  # fits as it is: no wait
-    returned = threading.Event()
-    waiter = threading.Thread(target=lambda: (writer.wait_for_room(1, 1), returned.set()))
-    waiter.start()
-    assert not returned.wait(0.5)  # nothing was written: no room
-    sink.gate.set()
-    assert returned.wait(10)
-    waiter.join()
-    writer.write_columns(table.select(list(range(20, table.num_columns))))
-    writer.end_row_group()
-    writer.close()
-    assert writer.held == 0
-    assert pq.read_table(io.BytesIO(sink.getvalue())).equals(table)
-
-
-def test_the_merge_hands_on_a_part_only_when_the_writer_has_room():
-    """The merge's join takes the next table of a batch only once the writer's bytes
-    and the batch's tables so far fit the limit (job._paced)."""
-    from pipelines.merge.job import _paced
-
-    table = _table(2000)
-    sink = _GatedSink()
-    sink.gate.set()
-    writer = TrainingFileWriter(sink, table.schema, {}, threads=2)
-    sink.gate.clear()
-    first, second = table.select([0, 20]), table.select([0, 21])
-    paced = _paced(iter([first, second, table]), 2, writer, first.nbytes + second.nbytes - 1)
-    assert next(paced) is first  # fits: the writer holds nothing
-    writer.begin_row_group(2000)
-    writer.write_columns(table.select(list(range(0, 20))))  # held until the gate opens
-    handed = []
-    taker = threading.Thread(target=lambda: handed.extend(paced))
-    taker.start()
-    taker.join(0.5)
-    assert taker.is_alive() and not handed  # the second fits only beside an idle writer
-    sink.gate.set()
-    taker.join(10)
-    assert handed == [second]  # and only ``count`` parts are taken
-    writer.discard()

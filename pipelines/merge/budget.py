@@ -19,12 +19,6 @@ ROW_GROUP_ROWS = 131_072
 # shards' bytes, allocator slack. Measured: 4.0 gave 1.67 GiB peak RSS for a 1.5 GiB
 # budget (100,000 rows, full width, polars); 4.6 copies were alive at the peak.
 BATCH_COPIES = 5.5
-# Column batches' worth of bytes the writer (pieces not yet encoded or appended) and the
-# join of the next batch may hold together: where encoding is the slower stage (100,000
-# rows and more), joining waits for room instead of running a whole batch ahead.
-# Measured at 100,000 rows (BENCHMARKS.md, "Joining paced by the encoders"): 1.0 lowered
-# the median RSS by ~70 MiB at the same speed; 1.5 barely changed it.
-HELD_BATCHES = 1.0
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20,
           "mb": 1000 ** 2, "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30}

@@ -13,7 +13,6 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -278,9 +277,8 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
                             for p in (starts[b[0][0]] + b[0][1], starts[b[-1][0]] + b[-1][2] - 1)},
                            key=schema.names.index)
     # Batch k is encoded and written behind the main thread (pyarrow releases the GIL)
-    # while batch k+1 is read and joined, as far as the bytes the writer still holds
-    # allow (_paced): two batches are partly alive at once, which the budget model
-    # counts (budget.BATCH_COPIES).
+    # while batch k+1 is read and joined: two batches are alive at once, which the
+    # budget model counts (budget.BATCH_COPIES).
     readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="merge-reader")
     try:
         for first, count in zip(bounds[:-1].tolist(), groups):
@@ -303,9 +301,8 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
                     # The targets go out with the first batch, which has the spine; the
                     # others join on its keys alone, so its targets are not kept for them.
                     spine = None
-                    table = joiner.join(base, _paced(
-                        parts, sum(1 for run in batch if run[0] != 0), writer,
-                        batch_bytes * budgets.HELD_BATCHES))
+                    table = joiner.join(base, itertools.islice(
+                        parts, sum(1 for run in batch if run[0] != 0)))
                     del base
                     if batch[0][0] != 0:
                         table = table.drop_columns([key])
@@ -332,19 +329,6 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
              "%.1fs of it for the encoders", done, time.monotonic() - merging, writer.waited)
     return Written(digest.hexdigest(), writer.nbytes, writer.crc32c,
                    ColumnCounts(nulls, infs, check_columns))
-
-
-def _paced(parts: Iterator[pa.Table], count: int, writer: TrainingFileWriter,
-           limit: float) -> Iterator[pa.Table]:
-    """The next ``count`` of ``parts``, each handed on once the writer's bytes, those of
-    the parts handed on before and its own fit ``limit``
-    (:meth:`TrainingFileWriter.wait_for_room`): a join copies each part once, so this
-    bounds the bytes joined ahead of the encoders."""
-    joined = 0
-    for part in itertools.islice(parts, count):
-        joined += part.nbytes
-        writer.wait_for_room(joined, limit)
-        yield part
 
 
 def _features(columns: list, start: int, stop: int) -> range | None:

@@ -29,7 +29,6 @@ import functools
 import io
 import json
 import os
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
@@ -199,8 +198,7 @@ class TrainingFileWriter:
     (default :func:`encoding_threads`) and one thread appends them to the file in order.
     ``write_columns`` returns as soon as the batch before it is written, so the caller
     can join the next batch meanwhile; two batches at most are in the writer, and an
-    error in the background is raised by the next call. :meth:`wait_for_room` lets the
-    caller join the next batch only as fast as the writer frees the bytes it holds.
+    error in the background is raised by the next call.
     """
 
     def __init__(self, sink: str | BinaryIO, schema: pa.Schema, metadata: dict[str, Any],
@@ -212,15 +210,9 @@ class TrainingFileWriter:
         self._appender = ThreadPoolExecutor(1, thread_name_prefix="parquet-append")
         self._appending: Future = self._appender.submit(lambda: None)
         self._failure: BaseException | None = None
-        # Seconds the caller spent waiting for the writer (in write_columns for the batch
-        # before to be written, in wait_for_room for room): a large share of the merge
-        # means the encoders are its slower stage.
+        # Seconds the caller spent in write_columns waiting for the batch before to be
+        # written: a large share of the merge means the encoders are its slower stage.
         self.waited = 0.0
-        # Bytes of the pieces submitted and not yet appended: the columns of those not
-        # yet encoded, the encoded bytes of the others (see wait_for_room).
-        self._held = 0
-        self._room = threading.Condition()
-        self._stopped = False
         self.key = schema.names[0]
         self._metadata = json.dumps(metadata, sort_keys=True).encode()
         self._owns_sink = isinstance(sink, str)
@@ -269,12 +261,8 @@ class TrainingFileWriter:
                     task(*args)
                 except BaseException as exc:
                     self._failure = exc
-                    self._hold(0)  # a caller waiting for room raises it instead
                     raise
         self._appending = self._appender.submit(run)
-        # Idle, the writer holds nothing: wake a caller waiting for room even if the
-        # count of bytes held were off.
-        self._appending.add_done_callback(lambda _: self._hold(0))
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
@@ -306,12 +294,11 @@ class TrainingFileWriter:
         if table.num_rows != self._open_rows:
             raise ValueError(f"{table.num_rows} rows for a row group of {self._open_rows}")
         pieces = _pieces(table.cast(expected), self._threads * PIECES_PER_THREAD)
-        self._hold(sum(piece.nbytes for piece in pieces))
         # Submitted now, behind the previous batch's pieces: the encoders take this
         # batch's first pieces while the last of the previous one are still compressing.
         encoded = collections.deque(
-            self._encoders.submit(self._encode, piece) if self._encoders
-            else functools.partial(self._encode, piece) for piece in pieces)
+            self._encoders.submit(_encode_piece, piece, self.key) if self._encoders
+            else functools.partial(_encode_piece, piece, self.key) for piece in pieces)
         del pieces
         started = time.monotonic()
         try:
@@ -323,42 +310,6 @@ class TrainingFileWriter:
         self._next_column += table.num_columns
         self._in_order(self._append_batch, encoded)
 
-    def _hold(self, nbytes: int) -> None:
-        """Count ``nbytes`` more (or, negative, fewer) bytes held; wake a waiting caller."""
-        with self._room:
-            self._held += nbytes
-            self._room.notify_all()
-
-    @property
-    def held(self) -> int:
-        """Bytes of the pieces submitted and not yet appended (columns not yet encoded,
-        encoded bytes not yet written)."""
-        return self._held
-
-    def _encode(self, piece: pa.Table) -> list[tuple[pa.Buffer, dict, list[int]]]:
-        """:func:`_encode_piece`, counting the piece's encoded bytes held instead of its
-        columns (freed once encoded: the caller keeps no reference to a piece)."""
-        files = _encode_piece(piece, self.key)
-        self._hold(sum(data.size for data, _, _ in files) - piece.nbytes)
-        return files
-
-    def wait_for_room(self, nbytes: int, limit: float) -> None:
-        """Return once the bytes the writer holds (pieces submitted and not yet
-        appended) plus ``nbytes`` are at most ``limit``, or the writer is idle;
-        raise the writer's failure if it failed meanwhile.
-
-        The merge calls this before joining each table of the next batch, with the bytes
-        it has joined of that batch so far: where the encoders are the slower stage
-        (100,000 rows and more), joining runs only as far ahead of them as ``limit``
-        allows instead of a whole batch, and less of the next batch waits joined beside
-        the one being encoded."""
-        started = time.monotonic()
-        with self._room:
-            self._room.wait_for(lambda: self._held + nbytes <= limit or self._appending.done()
-                                or self._failure is not None or self._stopped)
-        self.waited += time.monotonic() - started
-        self._raise_failure()
-
     def _append_batch(self, encoded: collections.deque) -> None:
         """Append a batch's pieces in order as each is encoded (a write, a checksum, its
         footer entries) while the encoders compress the pieces after it."""
@@ -368,7 +319,6 @@ class TrainingFileWriter:
                 files = item.result() if isinstance(item, Future) else item()
                 del item
                 self._append(self._group, files)
-                self._hold(-sum(data.size for data, _, _ in files))
                 del files  # written: not kept while the next piece is awaited
         finally:
             _cancel(encoded)
@@ -469,8 +419,6 @@ class TrainingFileWriter:
         return template
 
     def _stop_threads(self) -> None:
-        self._stopped = True
-        self._hold(0)
         if self._encoders is not None:
             self._encoders.shutdown(wait=True, cancel_futures=True)
         self._appender.shutdown(wait=True, cancel_futures=True)
