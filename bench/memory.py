@@ -16,8 +16,8 @@ It prints those at the RSS peak (where they add up to RSS) and the median of eac
 the middle 80% of the merge (taken one by one, so they need not add up), so that peak RSS
 at different row counts can be told apart by where it comes from. It also prints how long
 the merge's reading and joining waited for its encoders: when that is a large share of
-the merge, the encoders are the slower stage, and the next column batch waits joined
-beside the one being encoded.
+the merge, the encoders are the slower stage, and the writer's places for pieces are
+full.
 
 With several ``--memory-budget`` values each row count is merged once per budget, which
 tells memory that follows the budget from memory that follows the rows; several
@@ -25,7 +25,7 @@ tells memory that follows the budget from memory that follows the rows; several
 ``--row-group-rows`` a pair is merged in smaller row groups, which tells memory that
 follows the rows from memory that follows the row group. With ``--cpus 1`` each merge runs
 on one core (its process pinned with ``sched_setaffinity``), as in the 1 vCPU merge job:
-there the encoders fall further behind reading, which is where a column batch waits.
+there the encoders fall further behind reading.
 """
 from __future__ import annotations
 

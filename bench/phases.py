@@ -4,15 +4,16 @@ Writes a full-width synthetic pair (bench/synthetic.py; reused when ``--work`` a
 holds ``ck{rows}``, the layout ``bench.merge`` uses), then runs one ``polars`` merge in
 this process with its phases wrapped by timers. For each phase it prints the calls, the
 wall time summed over them and the CPU time of the threads that ran them
-(``time.thread_time``). Phases overlap: the main thread joins the next column batch as
-reader threads read its tables, while the appending thread appends the last batch and
-the encoding threads compress its pieces, so the wall times add up to more than the
-run. Work a library does on threads of its own (Polars' join of the keys) is not in any
+(``time.thread_time``). Phases overlap: the main thread joins the next table as reader
+threads read the tables after it, while the encoding threads compress the pieces of
+columns handed over before and the appending thread appends them, so the wall times
+add up to more than the run. Work a library does on threads of its own (Polars' join of the keys) is not in any
 phase's CPU; it is in the process total.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import resource
 import shutil
@@ -28,10 +29,10 @@ PHASES = (
     ("pipelines.merge.reader", "ShardCursor", "read_shards", "read shards (CRC32C, decode, checks)", "readers"),
     ("pipelines.merge.join_polars", "PolarsJoin", "join", "join, waiting for the reads above", "main"),
     ("pipelines.merge.job", None, "_count_values", "count NULLs and infinities", "main"),
-    ("pipelines.merge.writer", "TrainingFileWriter", "write_columns", "hand batches over, wait for the last", "main"),
+    ("pipelines.merge.writer", "TrainingFileWriter", "write_columns", "hand columns over, wait for a place", "main"),
     ("pipelines.merge.writer", None, "_encode_piece", "encode pieces", "encoders"),
     ("pipelines.merge.writer", None, "read_footer", "  of which: decode their footers", "encoders"),
-    ("pipelines.merge.writer", "TrainingFileWriter", "_append_batch", "append column batches", "appender"),
+    ("pipelines.merge.writer", "TrainingFileWriter", "_append_piece", "append pieces, waiting for each", "appender"),
     ("pipelines.merge.writer", "TrainingFileWriter", "_append", "  of which: append pieces", "appender"),
     ("pipelines.merge.writer", "TrainingFileWriter", "_emit", "    of which: write and checksum bytes", "appender"),
     ("pipelines.merge.thrift_compact", None, "encode_value", "    of which: encode footer entries", "appender"),
@@ -51,17 +52,32 @@ def _wrap(totals: dict, module: str, owner: str | None, name: str, label: str):
         target = getattr(target, owner)
     inner = getattr(target, name)
 
+    def add(wall: float, cpu: float, calls: int) -> None:
+        with _TOTALS_LOCK:  # readers and encoders run several at once
+            entry = totals[label]
+            entry[0] += calls
+            entry[1] += wall
+            entry[2] += cpu
+
+    def steps(generator):
+        # A generator's work is done in its steps, not in the call that makes it.
+        while True:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            try:
+                item = next(generator)
+            except StopIteration:
+                add(time.perf_counter() - wall, time.thread_time() - cpu, 0)
+                return
+            add(time.perf_counter() - wall, time.thread_time() - cpu, 0)
+            yield item
+
     def timed(*args, **kwargs):
         wall, cpu = time.perf_counter(), time.thread_time()
         try:
-            return inner(*args, **kwargs)
+            result = inner(*args, **kwargs)
         finally:
-            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
-            with _TOTALS_LOCK:  # readers and encoders run several at once
-                entry = totals[label]
-                entry[0] += 1
-                entry[1] += wall
-                entry[2] += cpu
+            add(time.perf_counter() - wall, time.thread_time() - cpu, 1)
+        return steps(result) if inspect.isgenerator(result) else result
 
     setattr(target, name, timed)
     return lambda: setattr(target, name, inner)

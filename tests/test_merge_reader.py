@@ -1,4 +1,4 @@
-"""Reading a column batch's tables ahead of the join (pipelines.merge.reader.read_ahead),
+"""Reading tables ahead of the join (pipelines.merge.reader.read_ahead),
 a wide table in slices of columns, and shards that are damaged, gone or unreadable.
 
 The read-ahead tests use stand-in cursors that only count their reads: read_ahead needs
@@ -23,25 +23,35 @@ class _Cursor:
         return (self.index, count)
 
 
-def test_tables_come_in_order_with_at_most_depth_read_ahead():
+def test_tables_come_in_order_with_reads_ahead_bounded_by_bytes():
+    """Reads run ahead of the table handed out while their bytes add up to the limit:
+    many small ones, a single one larger than the limit alone, never more."""
+    import time
+
+    sizes = [10, 10, 30, 5, 5, 5, 1, 1, 50, 10, 10, 10]
     log: list = []
+    most_ahead = 0
     with ThreadPoolExecutor(2) as pool:
         handed = []
-        for table in read_ahead(pool, [functools.partial(_Cursor(i, log).read_shards, 3) for i in range(10)],
-                                depth=2):
+        for table in read_ahead(pool, [(functools.partial(_Cursor(i, log).read_shards, 3), size)
+                                       for i, size in enumerate(sizes)], ahead_bytes=25):
             handed.append(table)
-            assert len(log) <= len(handed) + 2
-    assert handed == [(i, 3) for i in range(10)]
-    assert sorted(log) == list(range(10))
+            time.sleep(0.02)  # the reads ahead are done by now
+            ahead = [i for i in log if i >= len(handed)]
+            assert sum(sizes[i] for i in ahead) <= 25 or len(ahead) == 1
+            most_ahead = max(most_ahead, len(ahead))
+    assert handed == [(i, 3) for i in range(len(sizes))]
+    assert sorted(log) == list(range(len(sizes)))
+    assert most_ahead >= 4  # the small ones: 5, 5, 5, 1, 1 (and 5, 1, 1 behind)
 
 
 def test_a_failed_read_is_raised_in_its_turn_and_nothing_is_read_after_it():
     log: list = []
-    reads = [functools.partial(_Cursor(i, log, fail=i == 3).read_shards, 1) for i in range(10)]
+    reads = [(functools.partial(_Cursor(i, log, fail=i == 3).read_shards, 1), 10) for i in range(10)]
     with ThreadPoolExecutor(2) as pool:
         handed = []
         with pytest.raises(PipelineError, match="table 3 is corrupt"):
-            for table in read_ahead(pool, reads, depth=2):
+            for table in read_ahead(pool, reads, ahead_bytes=20):
                 handed.append(table)
         after_error = sorted(log)
         pool.shutdown(wait=True)

@@ -54,9 +54,13 @@ def _chunks(data: bytes) -> dict[tuple[int, str], bytes]:
     return chunks
 
 
-def _assembled(table: pa.Table, groups, batches, threads: int | None = None) -> bytes:
+def _assembled(table: pa.Table, groups, batches, threads: int | None = None,
+               piece_bytes: float = 4096) -> bytes:
+    """``table`` written by TrainingFileWriter in ``groups`` of rows, each handed over in
+    ``batches`` of columns, in pieces of about ``piece_bytes`` (small: many pieces)."""
     sink = io.BytesIO()
-    writer = TrainingFileWriter(sink, table.schema, {"pair": "eurusd"}, threads=threads)
+    writer = TrainingFileWriter(sink, table.schema, {"pair": "eurusd"}, threads=threads,
+                                piece_bytes=piece_bytes)
     for lo, hi in groups:
         writer.begin_row_group(hi - lo)
         for a, b in batches:
@@ -77,16 +81,20 @@ def _pyarrow_reference(table: pa.Table, groups) -> bytes:
 
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("nested", [False, True])
-def test_assembled_file_is_byte_identical_to_pyarrows(tmp_path, threads, nested):
-    """Batches encoded whole (1 thread) or cut into pieces encoded at once (3). The
-    footer's schema is gathered from the pieces' footers, so a nested column (several
-    schema elements for one field; no feature has one) is checked too. Without integer
-    and string columns pyarrow encodes every chunk, so the file is pyarrow's own."""
+@pytest.mark.parametrize("piece_bytes", [1, 4096, 1 << 30])
+def test_assembled_file_is_byte_identical_to_pyarrows(tmp_path, threads, nested, piece_bytes):
+    """Columns encoded on the appending thread (1 thread) or on 3 at once, in pieces of
+    one column each, of a few columns cut across the caller's batches, or of a whole
+    row group. The footer's schema is gathered from the pieces' footers, so a nested
+    column (several schema elements for one field; no feature has one) is checked too.
+    Without integer and string columns pyarrow encodes every chunk, so the file is
+    pyarrow's own."""
     table = _by_pyarrow(_table())
     if nested:
         table = table.add_column(7, "window", pa.array([[float(i), None] for i in range(1000)]))
     groups = [(0, 600), (600, 1000)]
-    data = _assembled(table, groups, [(0, 5), (5, 30), (30, table.num_columns)], threads)
+    data = _assembled(table, groups, [(0, 5), (5, 30), (30, table.num_columns)], threads,
+                      piece_bytes)
     assert data == _pyarrow_reference(table, groups)
     path = tmp_path / "t.parquet"
     path.write_bytes(data)
@@ -254,25 +262,66 @@ def test_a_file_that_is_not_the_bytes_written_is_not_published(extracted, tmp_pa
     assert not [n for n in os.listdir(out.parent) if storage.TEMP_MARK in n]
 
 
-def test_a_failure_behind_the_caller_is_raised_by_its_next_call():
-    """Batches are appended on the writer's own thread. A sink that breaks there (a
-    pipe whose reader went away: EPIPE) fails the caller's next call, and nothing more
-    is written after it."""
+def test_a_failure_behind_the_caller_is_raised_by_a_later_call():
+    """Pieces are appended on the writer's own thread. A sink that breaks there (a pipe
+    whose reader went away: EPIPE) fails a later call of the caller's, at the latest
+    close, which waits for every append; nothing more is written after it."""
     table = _table(2000)
     read_end, write_end = os.pipe()
     sink = os.fdopen(write_end, "wb", buffering=0)
-    writer = TrainingFileWriter(sink, table.schema, {}, threads=2)
+    first = table.select(list(range(0, 20)))
+    # A piece is handed over with the first call's last column: it fails behind.
+    writer = TrainingFileWriter(sink, table.schema, {}, threads=2, piece_bytes=first.nbytes)
     os.close(read_end)
     writer.begin_row_group(2000)
-    writer.write_columns(table.select(list(range(0, 20))))  # accepted; fails behind
+    writer.write_columns(first)
     with pytest.raises(BrokenPipeError):
-        writer.write_columns(table.select(list(range(20, 43))))
+        writer.write_columns(table.select(list(range(20, table.num_columns))))
+        writer.end_row_group()
+        writer.close()
     written = writer.nbytes
-    with pytest.raises(BrokenPipeError):
+    with pytest.raises((BrokenPipeError, RuntimeError)):
         writer.end_row_group()
     writer.discard()
     assert writer.nbytes == written == 4  # only the magic reached the pipe
     sink.close()
+
+
+def test_the_caller_waits_for_a_place_and_the_writer_holds_a_fixed_number_of_pieces(monkeypatch):
+    """However many columns are handed over, at most threads + SPARE_PIECES pieces are
+    in the writer (handed to the encoders and not yet appended): the caller waits for a
+    place instead. Encoding is slowed so that every place fills."""
+    import threading
+    import time
+
+    from pipelines.merge import writer as writer_module
+
+    lock = threading.Lock()
+    inside = [0, 0]  # pieces in the writer now, and the most at once
+    real_encode, real_append = writer_module._encode_piece, TrainingFileWriter._append
+
+    def slow_encode(piece, key):
+        with lock:
+            inside[0] += 1
+            inside[1] = max(inside)
+        time.sleep(0.02)
+        return real_encode(piece, key)
+
+    def counted_append(self, group, files):
+        real_append(self, group, files)
+        with lock:
+            inside[0] -= 1
+
+    monkeypatch.setattr(writer_module, "_encode_piece", slow_encode)
+    monkeypatch.setattr(TrainingFileWriter, "_append", counted_append)
+    table = _table()
+    sink = io.BytesIO()
+    writer = TrainingFileWriter(sink, table.schema, {}, threads=2, piece_bytes=1)
+    writer.write(table)
+    writer.close()
+    assert inside == [0, 2 + writer_module.SPARE_PIECES]
+    assert writer.waited > 0
+    assert pq.read_table(io.BytesIO(sink.getvalue())).equals(table)
 
 
 def test_column_orders_are_written_for_every_column_or_for_none(monkeypatch, tmp_path):

@@ -14,11 +14,19 @@ FIXED_OVERHEAD = 400 << 20
 # purpose: the footer grows by ~1.3 MiB per row group at 17,000 columns, and readers
 # parse all of it; 131,072 float64 rows make 1 MiB column chunks.
 ROW_GROUP_ROWS = 131_072
-# Peak memory per byte of one column batch of a row group: the batch being encoded, its
-# encoded bytes, the next batch being joined, that batch's input tables and their
-# shards' bytes, allocator slack. Measured: 4.0 gave 1.67 GiB peak RSS for a 1.5 GiB
-# budget (100,000 rows, full width, polars); 4.6 copies were alive at the peak.
+# Memory budget per byte of one column batch. Measured for the earlier writer, which took
+# a whole batch at a time: 4.0 gave 1.67 GiB peak RSS for a 1.5 GiB budget (100,000 rows,
+# full width, polars), 4.6 batches being alive at the peak. The streaming writer holds
+# pieces, not batches, and peaked at 0.47-0.49 GiB with this value and the default
+# budget (BENCHMARKS.md, "Streaming writer"), so it is now a wide margin.
 BATCH_COPIES = 5.5
+# A table larger than this share of a batch is read in slices of columns of at most it,
+# and reads run ahead of the join by as many bytes: a slice read, decoded and joined
+# exists up to three times at once, so its size is what reading costs in memory.
+SLICES_PER_BATCH = 16
+# Pieces of a batch's bytes that the writer encodes at once (TrainingFileWriter's
+# piece_bytes); it holds a fixed number of them, so they bound what it holds.
+PIECES_PER_BATCH = 24
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20,
           "mb": 1000 ** 2, "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30}
@@ -48,14 +56,13 @@ def _usable(budget: int) -> int:
     return usable
 
 
-def pack(sizes: list[float], limit: float, first_limit: float | None = None) -> list[int]:
-    """Cut consecutive items into runs whose sizes add up to at most ``limit`` (the
-    first run at most ``first_limit`` when given; an item larger than that is a run of
-    its own); returns the item count of each run."""
+def pack(sizes: list[float], limit: float) -> list[int]:
+    """Cut consecutive items into runs whose sizes add up to at most ``limit`` (an item
+    larger than that is a run of its own); returns the item count of each run."""
     runs: list[int] = []
     total = 0.0
     for size in sizes:
-        if runs and total + size <= (limit if len(runs) > 1 or first_limit is None else first_limit):
+        if runs and total + size <= limit:
             runs[-1] += 1
             total += size
         else:
@@ -73,25 +80,23 @@ def column_batches(tables: list[list[int]], rows: int, limit: float) -> list[lis
     is a list of runs ``(table, start, stop)``, the table's columns ``start:stop``, in
     output order.
 
-    A table larger than a slice (a quarter of a batch) is cut into slices of at most
-    that: read whole, a wide table (232 columns, 186 MB at 100,000 rows) landed a
-    batch's worth of memory at once while the batch before was still being encoded.
-    The spine is never cut; a column larger than a slice is a slice of its own. The
-    first batch is a quarter of a batch too: nothing can be encoded until it is read
-    and joined, so a small one lets the encoders start sooner."""
+    A table larger than a slice (:data:`SLICES_PER_BATCH`) is cut into slices of at
+    most that: read whole, a wide table (232 columns, 186 MB at 100,000 rows) landed
+    that much memory at once, and reading's memory followed the row count. The spine is
+    never cut; a column larger than a slice is a slice of its own."""
     runs: list[tuple[int, int, int]] = []
     sizes: list[float] = []
     for table, columns in enumerate(tables):
         bytes_ = [per_row * rows for per_row in columns]
         # A table without columns of its own is still read: its shards are checked.
-        counts = [len(columns)] if table == 0 else pack(bytes_, limit / 4) or [0]
+        counts = [len(columns)] if table == 0 else pack(bytes_, limit / SLICES_PER_BATCH) or [0]
         start = 0
         for count in counts:
             runs.append((table, start, start + count))
             sizes.append(sum(bytes_[start:start + count]))
             start += count
     batches, first = [], 0
-    for count in pack(sizes, limit, limit / 4):
+    for count in pack(sizes, limit):
         batches.append(runs[first:first + count])
         first += count
     return batches
@@ -99,11 +104,8 @@ def column_batches(tables: list[list[int]], rows: int, limit: float) -> list[lis
 
 def batch_bytes(budget: int, largest: int | None = None) -> float:
     """The bytes of one column batch of a merge within ``budget``, at most ``largest``
-    (the merge's --column-batch-size) when given; its first batch is a quarter of that.
-
-    Smaller batches than the budget allows lower peak RSS and cost time: at 100,000 rows
-    48 MiB batches peaked at ~0.5 GiB against ~0.9 with the default budget's 206 MiB,
-    and took 13-14% longer (BENCHMARKS.md, "Column batch size")."""
+    (the merge's --column-batch-size) when given. Slices, reads ahead and the writer's
+    pieces are shares of it (:data:`SLICES_PER_BATCH`, :data:`PIECES_PER_BATCH`)."""
     if largest is not None and largest <= 0:
         raise PipelineError(f"--column-batch-size must be more than 0 bytes, not {largest}")
     usable = _usable(budget) / BATCH_COPIES

@@ -33,10 +33,10 @@ METHODS = ("polars", "duckdb", "bigquery")
 # Methods that run the window join here; "bigquery" issues BigQuery jobs instead
 # (pipelines/merge/bigquery.py).
 LOCAL_METHODS = ("polars", "duckdb")
-# Reads (tables, or slices of wide ones) of a column batch run ahead of the one being
-# joined, and the threads running them: without them the encoders went idle whenever a
-# batch of many small tables took longer to read than the last batch to encode.
-READ_AHEAD = 2
+# Reads (tables, or slices of wide ones) run ahead of the one being joined, up to a
+# slice's bytes (budget.SLICES_PER_BATCH), on these threads: without them the encoders
+# went idle whenever many small tables took longer to read than the columns before them
+# to encode.
 READ_THREADS = 2
 
 
@@ -250,13 +250,15 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
     # table 0 is the spine (key and targets come first), and a wide table comes in
     # slices; a batch's size, not the row group's, is what the budget bounds.
     own_columns = [list(c.schema) if i == 0 else list(c.schema)[1:] for i, c in enumerate(cursors)]
-    batches = budgets.column_batches([[budgets.column_bytes(f) for f in fields] for fields in own_columns],
-                                     largest, batch_bytes)
+    per_row = [[budgets.column_bytes(f) for f in fields] for fields in own_columns]
+    batches = budgets.column_batches(per_row, largest, batch_bytes)
+    key_bytes = budgets.column_bytes(schema.field(0))
     # The digest goes in the footer; computing it first from the key column alone
     # (a few MB even for the full history) lets the footer be written in one go.
     spine_keys = _spine_keys(manifest, specs[0])
     digest = KeyDigest().update(spine_keys)
-    writer = TrainingFileWriter(path, schema, file_metadata(manifest, len(spine_keys), digest.hexdigest()))
+    writer = TrainingFileWriter(path, schema, file_metadata(manifest, len(spine_keys), digest.hexdigest()),
+                                piece_bytes=batch_bytes / budgets.PIECES_PER_BATCH)
     joiner = joiner_cls(key, schema, memory_budget, scratch)
     progress = cli.Progress("merge", len(groups) * len(batches), "column batches")
     sliced = {t for b in batches for t, a, z in b if t and _features(own_columns[t], a, z)}
@@ -276,9 +278,10 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
     check_columns = sorted({schema.names[p] for b in batches
                             for p in (starts[b[0][0]] + b[0][1], starts[b[-1][0]] + b[-1][2] - 1)},
                            key=schema.names.index)
-    # Batch k is encoded and written behind the main thread (pyarrow releases the GIL)
-    # while batch k+1 is read and joined: two batches are alive at once, which the
-    # budget model counts (budget.BATCH_COPIES).
+    # Each table is handed to the writer as soon as it is joined; the writer encodes and
+    # writes behind the main thread (pyarrow releases the GIL) and holds a fixed number of
+    # bytes (TrainingFileWriter), so reading, joining and encoding overlap at the same
+    # memory whatever the row count.
     readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="merge-reader")
     try:
         for first, count in zip(bounds[:-1].tolist(), groups):
@@ -292,23 +295,23 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
             # tables run while the batch before is still being joined, so small batches
             # leave no gap in reading at their boundaries.
             with contextlib.closing(read_ahead(readers, (
-                    functools.partial(cursors[table].read_shards, first, count,
-                                      _features(own_columns[table], a, b))
+                    (functools.partial(cursors[table].read_shards, first, count,
+                                       _features(own_columns[table], a, b)),
+                     (key_bytes + sum(per_row[table][a:b])) * group_rows)
                     for batch in batches for table, a, b in batch if table != 0),
-                    READ_AHEAD)) as parts:
+                    batch_bytes / budgets.SLICES_PER_BATCH)) as parts:
+                position = 0
                 for batch in batches:
-                    base = spine if batch[0][0] == 0 else keys
-                    # The targets go out with the first batch, which has the spine; the
-                    # others join on its keys alone, so its targets are not kept for them.
-                    spine = None
-                    table = joiner.join(base, itertools.islice(
+                    joined = joiner.join(keys, itertools.islice(
                         parts, sum(1 for run in batch if run[0] != 0)))
-                    del base
-                    if batch[0][0] != 0:
-                        table = table.drop_columns([key])
-                    _count_values(table, starts[batch[0][0]] + batch[0][1], nulls, infs)
-                    writer.write_columns(table)
-                    del table
+                    if batch[0][0] == 0:  # the key and targets come first
+                        joined = itertools.chain([spine], joined)
+                        spine = None
+                    for table in joined:
+                        _count_values(table, position, nulls, infs)
+                        writer.write_columns(table)
+                        position += table.num_columns
+                        del table
                     done += 1
                     progress.update(done)
             writer.end_row_group()
@@ -322,9 +325,7 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
     if rows != len(spine_keys):
         raise PipelineError(f"spine of {manifest.pair} changed while merging "
                             f"({rows} rows read, {len(spine_keys)} expected)")
-    # Which stage was the slower: when the encoders are, the next batch waits joined,
-    # and two column batches are alive more of the time (BENCHMARKS.md, "Why peak RSS
-    # grows from 10,000 to 100,000 rows").
+    # Which stage was the slower: a large share waited means the encoders were.
     log.info("[merge] %d column batches written in %.1fs; reading and joining waited "
              "%.1fs of it for the encoders", done, time.monotonic() - merging, writer.waited)
     return Written(digest.hexdigest(), writer.nbytes, writer.crc32c,

@@ -2,13 +2,13 @@
 
 One SQL statement with hundreds of joins cannot even be planned in reasonable time, so
 each window is joined in batches of tables: every batch is one LEFT JOIN chain onto the
-spine's keys, ordered by key, and the batches are put side by side (they all have the
-spine's rows in the spine's order). A table whose keys are exactly the spine's needs no
-join and is put beside them as it is (as the Polars join does).
+spine's keys, ordered by key, and each batch's result is handed on in turn (they all
+have the spine's rows in the spine's order). A table whose keys are exactly the spine's
+needs no join and is handed on as it is (as the Polars join does).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 
@@ -56,33 +56,35 @@ class DuckDBJoin:
                 f"ORDER BY s.{key}")
         return self._queries[cache_key]
 
-    def join(self, spine: pa.Table, parts: Iterable[pa.Table]) -> pa.Table:
-        """``spine`` (the key first) with every part's columns LEFT JOINed on the key;
-        column types are DuckDB's (the writer casts to the training schema)."""
-        spine_keys = int_keys(spine.column(0))
-        self.con.register("spine_keys", spine.select([self.key]))
-        columns, names = list(spine.columns), list(spine.schema.names)
-        first = 0
-        for batch in self._queries_of(parts, spine_keys):
-            if isinstance(batch, pa.Table):  # already aligned with the spine
-                columns.extend(batch.columns[1:])
-                names.extend(batch.schema.names[1:])
-                continue
-            for i, part in enumerate(batch):
-                self.con.register(f"t{first + i}", part)
-            result = self.con.execute(self._query(first, batch)).to_arrow_table()
-            if result.num_rows != spine.num_rows:
-                raise AssertionError("a LEFT JOIN on unique keys changed the row count")
-            # Compact copies: DuckDB hands back vector-sized chunks whose buffers would
-            # otherwise stay alive, several per column, until the batch is written.
-            columns.extend(c.combine_chunks() for c in result.columns)
-            names.extend(result.schema.names)
-            del result
-            for i in range(len(batch)):
-                self.con.unregister(f"t{first + i}")
-            first += len(batch)
-        self.con.unregister("spine_keys")
-        return pa.Table.from_arrays(columns, names=names)
+    def join(self, keys: pa.Table, parts: Iterable[pa.Table]) -> Iterator[pa.Table]:
+        """For each query's worth of ``parts`` in turn (see :meth:`_queries_of`), their
+        columns but the key LEFT JOINed onto ``keys`` (the spine's key column): one row
+        per key, in the keys' order. Column types are DuckDB's (the writer casts to the
+        training schema)."""
+        spine_keys = int_keys(keys.column(0))
+        self.con.register("spine_keys", keys)
+        try:
+            first = 0
+            for batch in self._queries_of(parts, spine_keys):
+                if isinstance(batch, pa.Table):  # already aligned with the spine
+                    yield batch.select(batch.schema.names[1:])
+                    continue
+                for i, part in enumerate(batch):
+                    self.con.register(f"t{first + i}", part)
+                result = self.con.execute(self._query(first, batch)).to_arrow_table()
+                if result.num_rows != keys.num_rows:
+                    raise AssertionError("a LEFT JOIN on unique keys changed the row count")
+                for i in range(len(batch)):
+                    self.con.unregister(f"t{first + i}")
+                first += len(batch)
+                del batch
+                # Compact copies: DuckDB hands back vector-sized chunks whose buffers
+                # would otherwise stay alive, several per column, until written.
+                yield pa.Table.from_arrays([c.combine_chunks() for c in result.columns],
+                                           names=result.schema.names)
+                del result
+        finally:
+            self.con.unregister("spine_keys")
 
     def _queries_of(self, parts: Iterable[pa.Table], spine_keys) -> Iterable[list[pa.Table] | pa.Table]:
         """Consecutive tables to join, at most TABLES_PER_QUERY and ~a third of DuckDB's

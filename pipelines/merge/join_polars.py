@@ -1,7 +1,7 @@
 """The window join in Polars: LEFT JOIN of every table's rows onto the spine rows."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import polars as pl
 import pyarrow as pa
@@ -16,7 +16,7 @@ _ROW = "__bqx_row"
 class PolarsJoin:
     """Joins one window at a time with Polars' hash join, keeping the spine's order.
 
-    Tables arrive one by one and are dropped once joined. Only the keys go through
+    Tables arrive one by one and each is handed on joined, then dropped. Only the keys go through
     Polars: the join gives, for each spine row, the row of the table with its key (or
     none), and the table's columns are gathered by those rows one at a time, each input
     column freed once gathered. A table thus costs its own size once, not twice (its
@@ -30,27 +30,29 @@ class PolarsJoin:
         self.key = key
         self.schema = schema
 
-    def join(self, spine: pa.Table, parts: Iterable[pa.Table]) -> pa.Table:
-        """``spine`` (the key first) with every part's columns LEFT JOINed on the key;
-        column types are the parts' own (the writer casts to the training schema)."""
-        spine_keys = int_keys(spine.column(0))
-        keys = pl.from_arrow(spine.select([self.key]))
-        columns, names = list(spine.columns), list(spine.schema.names)
+    def join(self, keys: pa.Table, parts: Iterable[pa.Table]) -> Iterator[pa.Table]:
+        """For each of ``parts`` in turn, its columns but the key LEFT JOINed onto
+        ``keys`` (the spine's key column): one row per key, in the keys' order. Column
+        types are the parts' own (the writer casts to the training schema)."""
+        spine_keys = int_keys(keys.column(0))
+        frame = pl.from_arrow(keys)
         for part in parts:
-            names.extend(part.schema.names[1:])
+            names = part.schema.names[1:]
             if has_keys(part, spine_keys):
-                columns.extend(part.columns[1:])
+                yield part.select(names)
                 continue
-            rows = self.matching_rows(keys, part)
+            rows = self.matching_rows(frame, part)
             inputs = part.columns[1:]
             del part
+            columns = []
             for i, column in enumerate(inputs):
                 inputs[i] = None
                 # One contiguous array first: gathering from several chunks (one per
                 # shard) resolves the chunk of every row and was slower than the copy.
                 columns.append(column.combine_chunks().take(rows))
                 del column
-        return pa.Table.from_arrays(columns, names=names)
+            yield pa.Table.from_arrays(columns, names=names)
+            del columns
 
     def matching_rows(self, keys: pl.DataFrame, part: pa.Table) -> pa.Array:
         """For each row of ``keys`` (a one-column frame of spine keys), the row of

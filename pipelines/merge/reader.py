@@ -167,28 +167,45 @@ class ShardCursor:
         self._last_key = int(keys[-1])
 
 
-def read_ahead(pool: Executor, reads: Iterable[Callable[[], pa.Table]],
-               depth: int) -> Iterator[pa.Table]:
-    """The result of each of ``reads`` (such as a :meth:`ShardCursor.read_shards`), in
-    order, run on ``pool`` up to ``depth`` reads ahead of the one handed out.
+def read_ahead(pool: Executor, reads: Iterable[tuple[Callable[[], pa.Table], int]],
+               ahead_bytes: float) -> Iterator[pa.Table]:
+    """The result of each of ``reads`` (pairs of a read, such as a
+    :meth:`ShardCursor.read_shards`, and the bytes it will return), in order, run on
+    ``pool`` ahead of the one handed out while their bytes add up to at most
+    ``ahead_bytes`` (one read at least).
 
     Reading a shard is mostly file reads, checksums and decoding, which release the GIL:
-    while the caller joins one table the next ones are read on the other cores. Only
-    ``depth`` reads are run ahead, so memory grows by those reads, not a batch.
+    while the caller joins one table the next ones are read on the other cores. The
+    reads ahead are bounded by bytes, not by count, so that what waits read is the same
+    whether the tables are small (few rows) or large.
     """
     upcoming = iter(reads)
+    following = next(upcoming, None)
     running: collections.deque = collections.deque()
+    held = 0
+
+    def top_up():
+        nonlocal following, held
+        while following is not None and (not running or held + following[1] <= ahead_bytes):
+            read, nbytes = following
+            running.append((pool.submit(read), nbytes))
+            held += nbytes
+            following = next(upcoming, None)
+
     try:
-        for read in upcoming:
-            running.append(pool.submit(read))
-            if len(running) > depth:
-                yield running.popleft().result()
-        while running:
-            yield running.popleft().result()
+        while True:
+            top_up()
+            if not running:
+                return
+            read, nbytes = running.popleft()
+            held -= nbytes
+            top_up()
+            yield read.result()
+            del read
     finally:
         # On an error (or the caller stopping early) no read may go on behind its back.
-        for read in running:
+        for read, _ in running:
             read.cancel()
-        for read in running:
+        for read, _ in running:
             if not read.cancelled():
                 read.exception()

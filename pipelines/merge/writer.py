@@ -10,10 +10,14 @@ chunks are appended to the output as they are, and its footer entries, with thei
 offsets moved, are kept for the file's footer. (pyarrow's own writer can only write a
 row group from one table holding all of its columns.)
 
-A column chunk's bytes depend only on its own column, so a batch can be cut into
-pieces of columns encoded on several threads (pyarrow releases the GIL while it
-compresses) and appended in order: the file is the same, and only pieces not yet
-appended are held encoded.
+A column chunk's bytes depend only on its own column, so the columns can be cut into
+pieces encoded on several threads (pyarrow releases the GIL while it compresses) and
+appended in order: the file is the same whatever the cut. The writer streams: columns
+are gathered into pieces of a fixed size as the caller hands them over, and a piece is
+taken only when a place among a fixed number in the writer is free. So what the writer
+holds (pieces waiting, being encoded, encoded and waiting their turn) is a number of
+bytes set by its piece size, whichever of the caller and the encoders is the slower,
+and whatever the row count.
 
 For the same reason a piece's integer and string columns are encoded by Polars and
 its other columns by pyarrow, and their chunks appended in column order. Polars gives
@@ -24,11 +28,11 @@ and packs dictionary indices in longer runs: with pyarrow alone, those columns w
 """
 from __future__ import annotations
 
-import collections
 import functools
 import io
 import json
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
@@ -48,9 +52,11 @@ OUTPUT_COMPRESSION = "zstd"
 OUTPUT_COMPRESSION_LEVEL = 3
 MAGIC = b"PAR1"
 PAGE_ROWS_LIMIT = 1 << 30
-# Pieces per encoding thread in a batch: columns compress at different speeds, so with
-# one piece per thread the first to finish waits for the last; smaller pieces even out.
-PIECES_PER_THREAD = 3
+# Bytes of a piece of columns encoded at once, unless the caller gives its own.
+PIECE_BYTES = 32 << 20
+# Pieces in the writer beyond one per encoding thread: one ready for the first thread to
+# finish, and one encoded that waits for the piece before it (pieces finish out of order).
+SPARE_PIECES = 2
 
 # Field ids of parquet.thrift that hold byte offsets into the file.
 # Only a chunk's pages are copied; the offsets into them are moved, and the fields that
@@ -96,21 +102,6 @@ def encoding_threads() -> int:
     """Threads that encode a column batch: one per core, at most 4 (measured on 2 cores
     only; a cap keeps a large machine from cutting batches into many small pieces)."""
     return max(1, min(4, os.cpu_count() or 1))
-
-
-def _pieces(table: pa.Table, count: int) -> list[pa.Table]:
-    """``table`` cut into up to ``count`` runs of consecutive columns of similar size."""
-    if count <= 1 or table.num_columns < 2 * count:
-        return [table]
-    sizes = [column.nbytes for column in table.columns]
-    target = sum(sizes) / count
-    cuts, size = [0], 0
-    for i, n in enumerate(sizes):
-        size += n
-        if size >= target * len(cuts) and i + 1 < len(sizes) and len(cuts) < count:
-            cuts.append(i + 1)
-    cuts.append(len(sizes))
-    return [table.select(list(range(a, b))) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 def encoded_by_polars(field: pa.Field, key: str) -> bool:
@@ -172,14 +163,6 @@ def _leaves(field: list[dict]) -> int:
     return sum(1 for e in field if not e.get(_SCHEMA_CHILDREN, (None, 0))[1])
 
 
-def _cancel(encoded: collections.deque) -> None:
-    """Cancel the pieces not yet encoded (the others' bytes are dropped)."""
-    for item in encoded:
-        if isinstance(item, Future):
-            item.cancel()
-    encoded.clear()
-
-
 def _shift(fields: dict, ids: tuple[int, ...], by: int) -> None:
     for fid in ids:
         if fid in fields and fields[fid][1] > 0:
@@ -194,15 +177,17 @@ class TrainingFileWriter:
     the schema (the first starts with the key), then ``end_row_group``; ``close`` writes
     the footer with the ``bqx.training`` metadata. Each call is checked as it is made.
 
-    Writing happens behind the caller: ``threads`` encode pieces of a batch at once
+    Writing happens behind the caller: the columns handed over are gathered into pieces
+    of about ``piece_bytes`` (a column is never split), ``threads`` encode pieces at once
     (default :func:`encoding_threads`) and one thread appends them to the file in order.
-    ``write_columns`` returns as soon as the batch before it is written, so the caller
-    can join the next batch meanwhile; two batches at most are in the writer, and an
-    error in the background is raised by the next call.
+    ``write_columns`` returns once its columns are taken: at most ``threads`` +
+    :data:`SPARE_PIECES` pieces are in the writer, and the caller waits for a place
+    only when the encoders are the slower. An error in the background is raised by the
+    next call.
     """
 
     def __init__(self, sink: str | BinaryIO, schema: pa.Schema, metadata: dict[str, Any],
-                 threads: int | None = None):
+                 threads: int | None = None, piece_bytes: float = PIECE_BYTES):
         self.schema = schema
         self._threads = threads or encoding_threads()
         self._encoders = (ThreadPoolExecutor(self._threads, thread_name_prefix="parquet-encode")
@@ -210,8 +195,15 @@ class TrainingFileWriter:
         self._appender = ThreadPoolExecutor(1, thread_name_prefix="parquet-append")
         self._appending: Future = self._appender.submit(lambda: None)
         self._failure: BaseException | None = None
-        # Seconds the caller spent in write_columns waiting for the batch before to be
-        # written: a large share of the merge means the encoders are its slower stage.
+        self._piece_bytes = piece_bytes
+        # Places for pieces, taken when a piece is handed to the encoders and given back
+        # once it is appended (or dropped).
+        self._places = threading.Semaphore(self._threads + SPARE_PIECES)
+        # Columns handed over and not yet in a piece, and their bytes.
+        self._gathered: list[tuple[str, pa.ChunkedArray]] = []
+        self._gathered_bytes = 0
+        # Seconds the caller spent in write_columns waiting for a place: a large share
+        # of the merge means the encoders are its slower stage.
         self.waited = 0.0
         self.key = schema.names[0]
         self._metadata = json.dumps(metadata, sort_keys=True).encode()
@@ -281,8 +273,8 @@ class TrainingFileWriter:
                        _RG_ROWS: (tc.I64, num_rows), _RG_COMPRESSED: (tc.I64, 0)}
 
     def write_columns(self, table: pa.Table) -> None:
-        """Append the open row group's next columns (all of its rows); returns once
-        the previous batch is written, while this one is encoded and written."""
+        """Append the open row group's next columns (all of its rows, any number of
+        columns); returns once they are taken, while they are encoded and written."""
         self._raise_failure()
         if self._open_rows is None:
             raise RuntimeError("write_columns outside a row group")
@@ -291,37 +283,39 @@ class TrainingFileWriter:
         if table.schema.names != expected.names:
             raise ValueError(f"columns {table.schema.names[:3]}... do not follow column "
                              f"{self._next_column} of the training schema")
-        if table.num_rows != self._open_rows:
+        if table.num_columns and table.num_rows != self._open_rows:
             raise ValueError(f"{table.num_rows} rows for a row group of {self._open_rows}")
-        pieces = _pieces(table.cast(expected), self._threads * PIECES_PER_THREAD)
-        # Submitted now, behind the previous batch's pieces: the encoders take this
-        # batch's first pieces while the last of the previous one are still compressing.
-        encoded = collections.deque(
-            self._encoders.submit(_encode_piece, piece, self.key) if self._encoders
-            else functools.partial(_encode_piece, piece, self.key) for piece in pieces)
-        del pieces
-        started = time.monotonic()
-        try:
-            self._appending.result()  # the batch before is written: two at most in here
-        except BaseException:
-            _cancel(encoded)
-            raise
-        self.waited += time.monotonic() - started
         self._next_column += table.num_columns
-        self._in_order(self._append_batch, encoded)
+        for name, column in zip(expected.names, table.cast(expected).columns):
+            self._gathered.append((name, column))
+            self._gathered_bytes += column.nbytes
+            if self._gathered_bytes >= self._piece_bytes:
+                self._hand_over()
 
-    def _append_batch(self, encoded: collections.deque) -> None:
-        """Append a batch's pieces in order as each is encoded (a write, a checksum, its
-        footer entries) while the encoders compress the pieces after it."""
+    def _hand_over(self) -> None:
+        """Hand the gathered columns to the encoders as one piece, once a place is free."""
+        names, columns = zip(*self._gathered)
+        piece = pa.Table.from_arrays(list(columns), names=list(names))
+        self._gathered, self._gathered_bytes = [], 0
+        del names, columns
+        started = time.monotonic()
+        while not self._places.acquire(timeout=0.1):
+            self._raise_failure()  # a failed append gives no place back
+        self.waited += time.monotonic() - started
+        encoded = (self._encoders.submit(_encode_piece, piece, self.key) if self._encoders
+                   else functools.partial(_encode_piece, piece, self.key))
+        del piece
+        self._in_order(self._append_piece, encoded)
+
+    def _append_piece(self, encoded) -> None:
+        """Append a piece once it is encoded (a write, a checksum, its footer entries)
+        while the encoders compress the pieces after it; its place is given back."""
         try:
-            while encoded:
-                item = encoded.popleft()
-                files = item.result() if isinstance(item, Future) else item()
-                del item
-                self._append(self._group, files)
-                del files  # written: not kept while the next piece is awaited
+            files = encoded.result() if isinstance(encoded, Future) else encoded()
+            del encoded
+            self._append(self._group, files)
         finally:
-            _cancel(encoded)
+            self._places.release()
 
     def _append(self, group: dict, files: list[tuple[pa.Buffer, dict, list[int]]]) -> None:
         """Append an encoded piece's column chunks to the open row group, in column
@@ -362,6 +356,8 @@ class TrainingFileWriter:
         if self._open_rows is None or self._next_column != len(self.schema):
             raise RuntimeError(f"row group closed after {self._next_column} of "
                                f"{len(self.schema)} columns")
+        if self._gathered:
+            self._hand_over()
         self._open_rows = None
         self._in_order(self._end)
 
