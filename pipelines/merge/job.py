@@ -100,9 +100,10 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
           column_batch_size: int | None = None) -> dict:
     """Merge a committed extraction into ``output``; return the validation report dict.
 
-    Row groups hold whole shards up to ``row_group_rows`` rows; each is written a column
-    batch at a time, batches that fit ``memory_budget`` and hold at most
-    ``column_batch_size`` bytes when given (:func:`pipelines.merge.budget.batch_bytes`).
+    Row groups hold whole shards up to ``row_group_rows`` rows; each is read, joined and
+    written a table at a time, in column batches that fit ``memory_budget`` and hold at
+    most ``column_batch_size`` bytes when given (:func:`pipelines.merge.budget.batch_bytes`),
+    whose shares bound the reads ahead and the writer's pieces.
 
     The file appears at ``output`` only after it was written completely and passed
     validation; on any failure nothing is left behind. A local output is written beside
@@ -386,8 +387,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--column-batch-size", default=cli.env_default("COLUMN_BATCH_SIZE"),
                    help="the largest column batch [COLUMN_BATCH_SIZE] (default: what "
-                        "--memory-budget allows, 206MiB at 1.5GiB); smaller ones lower peak "
-                        "memory and cost time, see BENCHMARKS.md")
+                        "--memory-budget allows, 206MiB at 1.5GiB); the reads ahead, slices "
+                        "and the writer's pieces are shares of it, so smaller ones lower peak "
+                        "memory")
     p.add_argument("--row-group-rows", type=int, default=None,
                    help=f"rows per row group of the training file: whole checkpoint shards up to this "
                         f"[ROW_GROUP_ROWS] (default {budgets.ROW_GROUP_ROWS})")

@@ -1,11 +1,11 @@
-"""Writing the training file: large row groups, assembled a column batch at a time.
+"""Writing the training file: large row groups, assembled a piece of columns at a time.
 
 With ~17,000 columns a parquet footer costs ~80 bytes per column chunk, 1.3 MiB per
 row group, and every reader parses all of it even to read 50 columns. One row group per
 merge window (what fits in memory, a few thousand rows) gave a 100,000-row file a footer
 of 40+ MiB and made DuckDB take 2-5 s to read 50 columns. So row groups are large
-(:data:`pipelines.merge.budget.ROW_GROUP_ROWS`) and each is written a column batch at a
-time: the batch is encoded as a one-row-group parquet file in memory, its column
+(:data:`pipelines.merge.budget.ROW_GROUP_ROWS`) and each is written a piece of columns
+at a time: the piece is encoded as a one-row-group parquet file in memory, its column
 chunks are appended to the output as they are, and its footer entries, with their byte
 offsets moved, are kept for the file's footer. (pyarrow's own writer can only write a
 row group from one table holding all of its columns.)
@@ -285,8 +285,9 @@ class TrainingFileWriter:
                              f"{self._next_column} of the training schema")
         if table.num_columns and table.num_rows != self._open_rows:
             raise ValueError(f"{table.num_rows} rows for a row group of {self._open_rows}")
+        columns = table.cast(expected).columns
         self._next_column += table.num_columns
-        for name, column in zip(expected.names, table.cast(expected).columns):
+        for name, column in zip(expected.names, columns):
             self._gathered.append((name, column))
             self._gathered_bytes += column.nbytes
             if self._gathered_bytes >= self._piece_bytes:
