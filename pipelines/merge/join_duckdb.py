@@ -79,10 +79,13 @@ class DuckDBJoin:
                 first += len(batch)
                 del batch
                 # Compact copies: DuckDB hands back vector-sized chunks whose buffers
-                # would otherwise stay alive, several per column, until written.
-                yield pa.Table.from_arrays([c.combine_chunks() for c in result.columns],
-                                           names=result.schema.names)
+                # would otherwise stay alive, several per column, until written. The
+                # result is dropped before the copy is handed on, not when it comes back.
+                joined = pa.Table.from_arrays([c.combine_chunks() for c in result.columns],
+                                              names=result.schema.names)
                 del result
+                yield joined
+                del joined
         finally:
             self.con.unregister("spine_keys")
 
