@@ -7,8 +7,8 @@ wall time summed over them and the CPU time of the threads that ran them
 (``time.thread_time``). Phases overlap: the main thread joins the next table as reader
 threads read the tables after it, while the encoding threads compress the pieces of
 columns handed over before and the appending thread appends them, so the wall times
-add up to more than the run. Work a library does on threads of its own (Polars' join of the keys) is not in any
-phase's CPU; it is in the process total.
+add up to more than the run. Work a library does on threads of its own (Polars' join of
+the keys) is not in any phase's CPU; it is in the process total.
 """
 from __future__ import annotations
 

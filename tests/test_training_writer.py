@@ -287,6 +287,29 @@ def test_a_failure_behind_the_caller_is_raised_by_a_later_call():
     sink.close()
 
 
+def test_a_failed_encoding_stops_a_caller_waiting_for_a_place(monkeypatch):
+    """An encoder that fails (a fault no real input produces here, so it is faked) must
+    not leave the caller waiting for a place that no append will give back: the
+    caller's call raises the encoder's error, and nothing but the magic is written."""
+    from pipelines.merge import writer as writer_module
+
+    def broken(piece, key):
+        raise MemoryError("encoder ran out of memory")
+
+    monkeypatch.setattr(writer_module, "_encode_piece", broken)
+    table = _table()
+    sink = io.BytesIO()
+    # One column per piece: far more pieces than the writer has places.
+    writer = TrainingFileWriter(sink, table.schema, {}, threads=2, piece_bytes=1)
+    writer.begin_row_group(table.num_rows)
+    with pytest.raises(MemoryError, match="encoder ran out of memory"):
+        writer.write_columns(table)
+        writer.end_row_group()
+        writer.close()
+    writer.discard()
+    assert sink.getvalue() == writer_module.MAGIC
+
+
 def test_the_caller_waits_for_a_place_and_the_writer_holds_a_fixed_number_of_pieces(monkeypatch):
     """However many columns are handed over, at most threads + SPARE_PIECES pieces are
     in the writer (handed to the encoders and not yet appended): the caller waits for a

@@ -17,7 +17,7 @@ ROW_GROUP_ROWS = 131_072
 # Memory budget per byte of one column batch. Measured for the earlier writer, which took
 # a whole batch at a time: 4.0 gave 1.67 GiB peak RSS for a 1.5 GiB budget (100,000 rows,
 # full width, polars), 4.6 batches being alive at the peak. The streaming writer holds
-# pieces, not batches, and peaked at 0.47-0.49 GiB with this value and the default
+# pieces, not batches, and peaked at 473-485 MiB with this value and the default
 # budget (BENCHMARKS.md, "Streaming writer"), so it is now a wide margin.
 BATCH_COPIES = 5.5
 # A table larger than this share of a batch is read in slices of columns of at most it,

@@ -182,8 +182,8 @@ class TrainingFileWriter:
     (default :func:`encoding_threads`) and one thread appends them to the file in order.
     ``write_columns`` returns once its columns are taken: at most ``threads`` +
     :data:`SPARE_PIECES` pieces are in the writer, and the caller waits for a place
-    only when the encoders are the slower. An error in the background is raised by the
-    next call.
+    only when the encoders are the slower. An error in the background is raised by a
+    later call, by :meth:`close` at the latest.
     """
 
     def __init__(self, sink: str | BinaryIO, schema: pa.Schema, metadata: dict[str, Any],
@@ -301,7 +301,7 @@ class TrainingFileWriter:
         del names, columns
         started = time.monotonic()
         while not self._places.acquire(timeout=0.1):
-            self._raise_failure()  # a failed append gives no place back
+            self._raise_failure()  # after a failure no append runs to give a place back
         self.waited += time.monotonic() - started
         encoded = (self._encoders.submit(_encode_piece, piece, self.key) if self._encoders
                    else functools.partial(_encode_piece, piece, self.key))
