@@ -14,7 +14,9 @@ in a fresh process that samples itself every 20 ms:
 
 It prints those at the RSS peak (where they add up to RSS) and the median of each over
 the middle 80% of the merge (taken one by one, so they need not add up), so that peak RSS
-at different row counts can be told apart by where it comes from. It also prints how long
+at different row counts can be told apart by where it comes from; and the peak RSS of
+each of the job's stages (preflight, merge, validate: the innermost one running when a
+sample was taken), the peak's own marked, so that a peak is put in its stage. It also prints how long
 the merge's reading and joining waited for its encoders: when that is a large share of
 the merge, the encoders are the slower stage, and the writer's places for pieces are
 full.
@@ -94,6 +96,28 @@ class _WriterWait(logging.Handler):
             self.seconds = (float(m.group(1)), float(m.group(2)))
 
 
+class _Stages(logging.Handler):
+    """Follows the job's stages (``[name] start`` / ``[name] done``, pipelines.cli.stage),
+    so that each memory sample can be put in the innermost stage running when it was
+    taken: a peak in ``validate`` is not the join's."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.running: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        m = re.match(r"\[(\w+)\] (start|done)\b", record.getMessage())
+        if m and m.group(2) == "start":
+            self.running.append(m.group(1))
+        elif m and m.group(1) in self.running:
+            self.running.remove(m.group(1))
+
+    def current(self) -> str:
+        """The innermost stage running now ("outside" before the first and after the last)."""
+        running = self.running[-1:]  # one read: the merge's thread appends meanwhile
+        return running[0] if running else "outside"
+
+
 def _merge_options(memory_budget: str | None, row_group_rows: int | None,
                    column_batch_size: str | None = None) -> list[str]:
     """The merge's options for a budget, row-group rows and largest column batch (None:
@@ -108,8 +132,9 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
                  column_batch_size: str | None = None) -> dict:
     """Merge ``root``'s extraction of ``pair`` into ``output`` in this process while
     sampling its memory; returns the sample at the RSS peak and the medians over the
-    middle 80% of the run (bytes), the sample count, and the seconds the column batches
-    took and waited for the encoders (``batches``, ``waited``)."""
+    middle 80% of the run (bytes), the stage running at the peak and each stage's peak
+    RSS (``stage``, ``stage_peaks``), the sample count, and the seconds the column
+    batches took and waited for the encoders (``batches``, ``waited``)."""
     import pyarrow as pa
 
     from pipelines.merge import job
@@ -122,14 +147,16 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
         while not stop.is_set():
             status = _status_bytes()
             s = {"t": time.monotonic(), "rss": status["VmRSS"], "file": status.get("RssFile", 0),
-                 "arrow": pa.total_allocated_bytes(), "glibc": glibc() if glibc else 0}
+                 "arrow": pa.total_allocated_bytes(), "glibc": glibc() if glibc else 0,
+                 "stage": stages.current()}
             s["rest"] = s["rss"] - s["file"] - s["arrow"] - s["glibc"]
             samples.append(s)
             stop.wait(SAMPLE_SECONDS)
 
     sampler = threading.Thread(target=sample, daemon=True)
-    wait = _WriterWait()
+    wait, stages = _WriterWait(), _Stages()
     job.log.addHandler(wait)
+    logging.getLogger("pipelines").addHandler(stages)
     sampler.start()
     try:
         code = job.run(["--pair", pair, "--method", method, "--checkpoint-root", root,
@@ -139,12 +166,16 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
         stop.set()
         sampler.join()
         job.log.removeHandler(wait)
+        logging.getLogger("pipelines").removeHandler(stages)
     if code != 0:
         raise SystemExit(f"the merge exited {code}")
     first, last = samples[0]["t"], samples[-1]["t"]
     middle = [s for s in samples if 0.1 <= (s["t"] - first) / max(last - first, 1e-9) <= 0.9] or samples
     peak = max(samples, key=lambda s: s["rss"])
-    return {"peak": {f: peak[f] for f in FIELDS},
+    stage_peaks: dict[str, int] = {}
+    for s in samples:
+        stage_peaks[s["stage"]] = max(stage_peaks.get(s["stage"], 0), s["rss"])
+    return {"peak": {f: peak[f] for f in FIELDS}, "stage": peak["stage"], "stage_peaks": stage_peaks,
             "median": {f: statistics.median(s[f] for s in middle) for f in FIELDS},
             "samples": len(samples), "batches": wait.seconds and wait.seconds[0],
             "waited": wait.seconds and wait.seconds[1]}
@@ -153,14 +184,18 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
 def _table(results: dict[tuple[int, str, str], dict]) -> str:
     lines = [f"{'rows':>8} {'budget':>8} {'batch':>8} {'':>6} "
              + " ".join(f"{f + ' MiB':>10}" for f in FIELDS)
-             + "  waited for the encoders"]
+             + "  waited for the encoders  peak RSS MiB by stage (* the peak's)"]
     for (rows, budget, batch), r in results.items():
         for which in ("peak", "median"):
-            waited = ""
+            waited = stages = ""
             if which == "peak" and r.get("waited") is not None:
-                waited = f"  {r['waited']:.1f} of {r['batches']:.1f} s"
-            lines.append(f"{rows:>8,} {budget:>8} {batch:>8} {which:>6} " + " ".join(
-                f"{r[which][f] / 2**20:>10.0f}" for f in FIELDS) + waited)
+                waited = f"{r['waited']:.1f} of {r['batches']:.1f} s"
+            if which == "peak" and r.get("stage_peaks"):
+                stages = ", ".join(f"{name} {rss / 2**20:.0f}{'*' if name == r['stage'] else ''}"
+                                   for name, rss in r["stage_peaks"].items())
+            lines.append((f"{rows:>8,} {budget:>8} {batch:>8} {which:>6} " + " ".join(
+                f"{r[which][f] / 2**20:>10.0f}" for f in FIELDS)
+                + (f"  {waited:>24}  {stages}" if which == "peak" else "")).rstrip())
     return "\n".join(lines)
 
 

@@ -30,6 +30,13 @@ def test_the_memory_benchmark_splits_rss_into_its_parts(extracted, tmp_path):
     assert max(r["peak"]["arrow"], r["median"]["arrow"]) > 0
     # The merge's own figure of its stages, read from its log line.
     assert r["batches"] > 0 and 0 <= r["waited"] <= r["batches"]
+    # Every sample is put in the job's stage running then; the peak is its stage's peak.
+    # (A short stage may fall between two samples: only the merge is sure to be seen.)
+    assert "merge" in r["stage_peaks"]
+    assert set(r["stage_peaks"]) <= {"outside", "preflight", "merge", "validate"}
+    assert r["stage_peaks"][r["stage"]] == peak["rss"] == max(r["stage_peaks"].values())
+    table = memory._table({(2000, "1.5GiB", "budget's"): r})
+    assert f"{r['stage']} {peak['rss'] / 2**20:.0f}*" in table
 
 
 def test_the_memory_benchmark_runs_a_merge_on_the_cores_it_is_given(extracted, tmp_path):

@@ -149,10 +149,13 @@ def test_polars_merge_into_a_bucket_succeeds_with_ten_percent_of_requests_failin
     # And for sure (the merge reads on several threads, so which request meets which
     # random fault varies): the upload session is opened but the response is lost.
     proxies.gcs.lose(method="POST", path=r"^/upload/", times=1)
-    # A budget that cuts tables into slices of columns: the later slices' ranged reads
-    # (Arrow's GCS client, not google-cloud-storage) go through the faulty proxy too.
+    # Column batches that cut the wider tables into slices of columns: the later slices'
+    # ranged reads (Arrow's GCS client, not google-cloud-storage) go through the faulty
+    # proxy too. Not smaller: that client backs off a second or more after a 429 whatever
+    # BQX_RETRY_INITIAL_SECONDS says, and slices of 12 KB (a 401MiB budget) made 3,100
+    # requests, 299 s of this test.
     proc, seconds = _timed("pipelines.merge", "--pair", PAIR, "--method", "polars",
-                           "--checkpoint-root", CK, "--output", OUT, "--memory-budget", "401MiB",
+                           "--checkpoint-root", CK, "--output", OUT, "--column-batch-size", "4MiB",
                            env={**proxies.env, **RETRY_FAST})
     _report("polars merge at 10%", seconds, proxies.summary())
     assert proc.returncode == 0, proc.stderr[-5000:]

@@ -61,3 +61,15 @@ def test_unusable_sizes_are_refused_naming_the_option():
         budget.parse_size("12 parsecs", "--column-batch-size")
     with pytest.raises(PipelineError, match="--column-batch-size must be more than 0 bytes"):
         budget.batch_bytes(budget.parse_size("1.5GiB"), 0)
+
+
+def test_validation_reads_back_a_slice_of_a_batch_at_a_time():
+    """The merge's read-back of its file costs what one of its reads does (a slice), not a
+    whole column batch: at 100,000 rows a batch's worth of columns made the validation
+    the merge's peak."""
+    batch = budget.batch_bytes(budget.parse_size("1.5GiB"))
+    for rows in (1_000, 10_000, 100_000):
+        columns = budget.validation_columns(rows, batch)
+        assert 16 <= columns <= 2000
+        assert columns == 16 or columns * rows * 8 <= batch / budget.SLICES_PER_BATCH
+    assert budget.validation_columns(100_000, batch) == 16
