@@ -8,9 +8,10 @@ both row group by row group in column batches, and prints ``identical`` or the f
 difference (column, row group and row): exit 0 same content, 1 different, 2 bad input.
 
 The training file is too wide to load (about 100K rows x 17K columns, ~13 GB dense), so
-it is read one row group at a time and, inside a row group, in batches of at most
-``columns_per_batch`` columns. Everything kept between batches is a few integers per
-column, so memory stays at one batch whatever the size of the file.
+it is read one row group at a time and, inside a row group, in batches of columns: by
+default as many as :data:`READ_BYTES` of float64 values hold (:func:`columns_per_read`),
+or ``columns_per_batch``. Everything kept between batches is a few integers per column,
+so memory stays at one batch whatever the size of the file.
 
 The merge writes ``bqx.training`` JSON into the parquet key-value metadata (pair, window,
 spine row count and digest, target names, feature tables in output order); the checks
@@ -48,7 +49,12 @@ TARGETS_FAMILY = "targets"
 # Columns past the metadata's tables (count mismatch) still get counted somewhere.
 UNASSIGNED_FAMILY = "unassigned"
 NULL_WARN_RATE = 0.10
-DEFAULT_COLUMNS_PER_BATCH = 2000
+# Decoded bytes per read (a batch of columns of one row group) unless a column count is
+# given. A fixed 2,000 columns were 1.6 GB per read in a 100,000-row file and took the
+# validator to 3.1 GiB peak RSS, past the 2 GiB merge job; 16 columns took it to 0.22
+# GiB and were faster (BENCHMARKS.md, "Where the peak falls").
+READ_BYTES = 16 << 20
+MAX_COLUMNS_PER_READ = 2000
 # Migration leftovers showed up as 1970-01-01 keys; nothing real predates this.
 _PLAUSIBLE_KEY_START = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
@@ -461,16 +467,33 @@ class ColumnCounts:
     check_columns: list[str]
 
 
+def columns_per_read(rows: int, nbytes: float = READ_BYTES) -> int:
+    """Columns to decode at once from row groups of ``rows`` rows: as many float64 columns
+    as ``nbytes`` hold, 16 at least (fewer makes reads slow) and 2,000 at most."""
+    return int(max(16, min(MAX_COLUMNS_PER_READ, nbytes / (max(rows, 1) * 8))))
+
+
+def _columns_per_read(pf: pq.ParquetFile, columns_per_batch: int | None) -> int:
+    """``columns_per_batch``, or when None :func:`columns_per_read` for ``pf``'s largest
+    row group."""
+    if columns_per_batch is not None:
+        return columns_per_batch
+    meta = pf.metadata
+    return columns_per_read(max((meta.row_group(i).num_rows for i in range(meta.num_row_groups)),
+                                default=0))
+
+
 def validate_file(path: str | os.PathLike, expected: dict | None = None,
-                  columns_per_batch: int = DEFAULT_COLUMNS_PER_BATCH,
+                  columns_per_batch: int | None = None,
                   counted: ColumnCounts | None = None) -> Report:
     """Validate the training parquet file at ``path`` and return a :class:`Report`.
 
-    Reads one row group at a time, in batches of at most ``columns_per_batch`` columns.
-    ``expected`` may hold ``spine_rows``, ``spine_digest`` and ``pair``; each takes
-    precedence over the file's own ``bqx.training`` metadata. ``counted`` (from the
-    file's writer, see :class:`ColumnCounts`) replaces the full read of the values by a
-    read of its check columns compared with its counts. Raises PipelineError when
+    Reads one row group at a time, in batches of at most ``columns_per_batch`` columns
+    (default: :func:`columns_per_read` of the file's largest row group). ``expected``
+    may hold ``spine_rows``, ``spine_digest`` and ``pair``; each takes precedence over
+    the file's own ``bqx.training`` metadata. ``counted`` (from the file's writer, see
+    :class:`ColumnCounts`) replaces the full read of the values by a read of its check
+    columns compared with its counts. Raises PipelineError when
     the file is missing, unreadable or not parquet; problems with its contents are
     hard failures or warnings in the report, never exceptions.
     """
@@ -479,7 +502,7 @@ def validate_file(path: str | os.PathLike, expected: dict | None = None,
     if unknown:
         raise ValueError(f"unknown expected keys {sorted(unknown)}; "
                          f"allowed: {sorted(_EXPECTED_KEYS)}")
-    if columns_per_batch < 1:
+    if columns_per_batch is not None and columns_per_batch < 1:
         raise ValueError("columns_per_batch must be at least 1")
     path = os.fspath(path)
     if is_training_set(path):
@@ -516,8 +539,9 @@ def _open_parquet(path: str):
 
 
 def _validate_parquet(pf: pq.ParquetFile, path: str, report: Report, expected: dict,
-                      columns_per_batch: int, counted: ColumnCounts | None = None) -> Report:
+                      columns_per_batch: int | None, counted: ColumnCounts | None = None) -> Report:
     """The checks of :func:`validate_file` on the open file ``pf``."""
+    columns_per_batch = _columns_per_read(pf, columns_per_batch)
     names = pf.schema_arrow.names
     report.columns = len(names)
     report.rows = pf.metadata.num_rows
@@ -602,7 +626,7 @@ def _layout_problem(doc: Any) -> str | None:
 
 
 def validate_training_set(path: str | os.PathLike, expected: dict | None = None,
-                          columns_per_batch: int = DEFAULT_COLUMNS_PER_BATCH) -> Report:
+                          columns_per_batch: int | None = None) -> Report:
     """Validate a training set exported in parts as one training set.
 
     Layout (pipelines/merge/bigquery.py): ``{path}/_layout.json`` (written last) lists the
@@ -611,7 +635,8 @@ def validate_training_set(path: str | os.PathLike, expected: dict | None = None,
     columns without the key. Every part must hold the same keys (compared after sorting:
     a part's files need not be in key order, and the parts need not share a row order;
     both are reported as warnings since the parts are joined on the key). Files are read
-    one at a time, row group by row group, ``columns_per_batch`` columns at once; what is
+    one at a time, row group by row group, ``columns_per_batch`` columns at once (default:
+    :func:`columns_per_read` of each file's largest row group); what is
     kept between files is the key column of two parts and a few integers per column.
     """
     from pipelines import storage
@@ -621,7 +646,7 @@ def validate_training_set(path: str | os.PathLike, expected: dict | None = None,
     if unknown:
         raise ValueError(f"unknown expected keys {sorted(unknown)}; "
                          f"allowed: {sorted(_EXPECTED_KEYS)}")
-    if columns_per_batch < 1:
+    if columns_per_batch is not None and columns_per_batch < 1:
         raise ValueError("columns_per_batch must be at least 1")
     root = os.fspath(path)
     root = root.rstrip("/") if root.rstrip("/") else root
@@ -681,8 +706,6 @@ def validate_training_set(path: str | os.PathLike, expected: dict | None = None,
             if j:
                 positions[c].append(offsets[pi] + j)
         others = list(dict.fromkeys(c for c in cols[1:]))
-        batches = [others[i:i + columns_per_batch]
-                   for i in range(0, len(others), columns_per_batch)]
         rows = row_groups = 0
         key_chunks: list[pa.Array] = []
         schema_ok = True
@@ -712,6 +735,8 @@ def validate_training_set(path: str | os.PathLike, expected: dict | None = None,
                                                     f"from {fields[0].type}")
                 rows += pf.metadata.num_rows
                 row_groups += pf.num_row_groups
+                per_read = _columns_per_read(pf, columns_per_batch)
+                batches = [others[i:i + per_read] for i in range(0, len(others), per_read)]
                 key_is_ts = pa.types.is_timestamp(pf.schema_arrow.field(0).type)
                 for rg in range(pf.num_row_groups):
                     if key_is_ts:
@@ -1126,18 +1151,19 @@ class Comparison:
 
 
 def compare_files(a: str | os.PathLike, b: str | os.PathLike,
-                  columns_per_batch: int = DEFAULT_COLUMNS_PER_BATCH) -> Comparison:
+                  columns_per_batch: int | None = None) -> Comparison:
     """Compare the content of two parquet files without loading either.
 
     Content is the column names in order, their types, the row count, every value (NULL
     equals NULL; floats are compared bit for bit, so NaN equals NaN) and the
     ``bqx.training`` metadata; how rows are split into row groups and how pages are
     encoded are not. Files are read one row group of ``a`` at a time, at most
-    ``columns_per_batch`` columns at once, with the matching rows of ``b`` (whatever
-    its row groups). Raises PipelineError when either file is missing, not parquet, or
-    a training set in parts.
+    ``columns_per_batch`` columns at once (default: :func:`columns_per_read` of ``a``'s
+    largest row group), with the matching rows of ``b`` (whatever its row groups).
+    Raises PipelineError when either file is missing, not parquet, or a training set in
+    parts.
     """
-    if columns_per_batch < 1:
+    if columns_per_batch is not None and columns_per_batch < 1:
         raise ValueError("columns_per_batch must be at least 1")
     a, b = os.fspath(a), os.fspath(b)
     result = Comparison(a=a, b=b)
@@ -1147,7 +1173,8 @@ def compare_files(a: str | os.PathLike, b: str | os.PathLike,
         result.rows = pa_file.metadata.num_rows
         result.difference = (_schema_difference(pa_file.schema_arrow, pb_file.schema_arrow)
                              or _rows_difference(pa_file, pb_file)
-                             or _values_difference(pa_file, pb_file, a, b, columns_per_batch,
+                             or _values_difference(pa_file, pb_file, a, b,
+                                                   _columns_per_read(pa_file, columns_per_batch),
                                                    result)
                              or _metadata_difference(pa_file, pb_file))
     result.equal = result.difference is None
@@ -1314,8 +1341,10 @@ def main(argv: list[str] | None = None) -> int:
                                          "(default: <file without .parquet>.validation.json)")
     parser.add_argument("--quiet", action="store_true",
                         help="print only PASS/FAIL and the hard failures")
-    parser.add_argument("--columns-per-batch", type=int, default=DEFAULT_COLUMNS_PER_BATCH,
-                        help="columns decoded at once per row group (memory bound)")
+    parser.add_argument("--columns-per-batch", type=int, default=None,
+                        help="columns decoded at once per row group (the memory bound; "
+                             f"default: as many float64 columns as {READ_BYTES >> 20} MiB hold, "
+                             f"16 to {MAX_COLUMNS_PER_READ:,})")
     parser.add_argument("--compare", metavar="OTHER",
                         help="compare PATH's content with the parquet file OTHER instead of "
                              "validating it: exit 0 identical, 1 different (first "
@@ -1342,10 +1371,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if report.ok else 1
 
 
-def _compare_main(a: str, b: str, columns_per_batch: int) -> int:
+def _compare_main(a: str, b: str, columns_per_batch: int | None) -> int:
     """``--compare``: print the verdict line; 0 identical, 1 different, 2 bad input."""
     try:
-        if columns_per_batch < 1:
+        if columns_per_batch is not None and columns_per_batch < 1:
             raise PipelineError(f"--columns-per-batch {columns_per_batch}: must be at least 1")
         result = compare_files(a, b, columns_per_batch=columns_per_batch)
     except PipelineError as e:

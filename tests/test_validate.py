@@ -430,3 +430,38 @@ def test_report_roundtrips_as_json(good, tmp_path):
     assert all(not (isinstance(v, float) and math.isnan(v))
                for st in data["families"].values() for v in st.values())
     assert isinstance(r, Report)
+
+
+def test_reads_are_bounded_by_bytes_whatever_the_rows(tmp_path, monkeypatch):
+    """By default a read decodes about READ_BYTES of values, so a long file is read in
+    batches of fewer columns (2,000 columns of 100,000 rows were 1.6 GB per read), and
+    the report is the same as with any explicit column count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.validate import MAX_COLUMNS_PER_READ, READ_BYTES, columns_per_read
+
+    assert columns_per_read(100_000) == 20 and columns_per_read(100_000) * 100_000 * 8 <= READ_BYTES
+    assert columns_per_read(10) == MAX_COLUMNS_PER_READ and columns_per_read(10**9) == 16
+    assert columns_per_read(1_000, 64_000) == 16 and columns_per_read(1_000, 800_000) == 100
+
+    path = str(tmp_path / "long.parquet")
+    rows = 300_000  # 2.4 MB a column: 16 columns a read by default
+    keys = pa.array(np.arange(rows, dtype="int64") * 60_000_000).cast(pa.timestamp("us", tz="UTC"))
+    columns = {"interval_time": keys, "target_a": pa.array(np.ones(rows))}
+    columns.update({f"f_{i:02d}": pa.array(np.full(rows, float(i))) for i in range(40)})
+    pq.write_table(pa.table(columns), path, row_group_size=rows)
+    from pipelines import validate
+
+    read, widths = validate._read, []
+
+    def counted(pf, rg, columns, path):  # observes the reads; every read is real
+        widths.append(len(columns))
+        return read(pf, rg, columns, path)
+
+    monkeypatch.setattr(validate, "_read", counted)
+    default = validate_file(path).to_dict()
+    assert max(widths) == 16 and sum(widths) == 1 + 41  # the key, then 41 columns
+    explicit = validate_file(path, columns_per_batch=MAX_COLUMNS_PER_READ).to_dict()
+    assert max(widths) == 41
+    assert default == explicit and default["rows"] == rows

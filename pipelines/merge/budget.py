@@ -115,7 +115,9 @@ def batch_bytes(budget: int, largest: int | None = None) -> float:
 def validation_columns(rows: int, limit: float) -> int:
     """Columns per read when validating row groups of ``rows`` rows: a slice's worth
     (:data:`SLICES_PER_BATCH`) of a column batch of ``limit`` bytes (see
-    :func:`batch_bytes`) in float64 columns, 16 at least. A whole batch's worth made the
-    validation the merge's peak at 100,000 rows (``python -m bench.memory`` puts each
-    peak in its stage)."""
-    return int(max(16, min(2000, limit / SLICES_PER_BATCH / (max(rows, 1) * 8))))
+    :func:`batch_bytes`), by :func:`pipelines.validate.columns_per_read`. A whole batch's
+    worth made the validation the merge's peak at 100,000 rows (``python -m
+    bench.memory`` puts each peak in its stage)."""
+    from pipelines.validate import columns_per_read
+
+    return columns_per_read(rows, limit / SLICES_PER_BATCH)
