@@ -10,15 +10,17 @@ in a fresh process that samples itself every 20 ms:
   pieces);
 - bytes glibc's allocator holds from the operating system (mallinfo2: in use and free);
 - the rest of the anonymous memory: pages Arrow's allocator keeps after they are freed
-  (jemalloc returns them after about a second), Polars' and Python's own memory.
+  (jemalloc returns them after about a second), Polars' and Python's own memory (with
+  ``ARROW_DEFAULT_MEMORY_POOL=system`` it was at most 0: BENCHMARKS.md, "Where the peak
+  falls").
 
 It prints those at the RSS peak (where they add up to RSS) and the median of each over
 the middle 80% of the merge (taken one by one, so they need not add up), so that peak RSS
-at different row counts can be told apart by where it comes from; and the peak RSS of
-each of the job's stages (preflight, merge, validate: the innermost one running when a
-sample was taken), the peak's own marked, so that a peak is put in its stage. It also prints how long
-the merge's reading and joining waited for its encoders: when that is a large share of
-the merge, the encoders are the slower stage, and the writer's places for pieces are
+at different row counts can be told apart by where it comes from; and the peak RSS of each
+of the job's stages (preflight, merge, validate: the innermost one running when a sample
+was taken), the peak's own marked, so that a peak is put in its stage. It also prints how
+long the merge's reading and joining waited for its encoders: when that is a large share
+of the merge, the encoders are the slower stage, and the writer's places for pieces are
 full.
 
 With several ``--memory-budget`` values each row count is merged once per budget, which
