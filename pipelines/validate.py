@@ -1350,6 +1350,12 @@ def main(argv: list[str] | None = None) -> int:
                              "validating it: exit 0 identical, 1 different (first "
                              "difference printed), 2 bad input; no report is written")
     args = parser.parse_args(argv)
+    if args.columns_per_batch is not None and args.columns_per_batch < 1:
+        # Checked here for both modes: validate_file's ValueError would be a traceback
+        # and exit 1, which means a file that failed validation.
+        print(f"error: --columns-per-batch {args.columns_per_batch}: must be at least 1",
+              file=sys.stderr)
+        return 2
     if args.compare is not None:
         if args.report:
             parser.error("--report does not apply to --compare")
@@ -1374,8 +1380,6 @@ def main(argv: list[str] | None = None) -> int:
 def _compare_main(a: str, b: str, columns_per_batch: int | None) -> int:
     """``--compare``: print the verdict line; 0 identical, 1 different, 2 bad input."""
     try:
-        if columns_per_batch is not None and columns_per_batch < 1:
-            raise PipelineError(f"--columns-per-batch {columns_per_batch}: must be at least 1")
         result = compare_files(a, b, columns_per_batch=columns_per_batch)
     except PipelineError as e:
         print(f"error: {_first_line(e)}", file=sys.stderr)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import google_crc32c
 import numpy as np
@@ -208,6 +209,17 @@ def test_cli_pass_writes_report_beside_file(good, capsys):
     # No temp files left behind.
     assert sorted(p.name for p in good.parent.iterdir()) == [
         "training_eurusd.parquet", "training_eurusd.validation.json"]
+
+
+@pytest.mark.parametrize("mode", [[], ["--compare", "SELF"]])
+def test_cli_refuses_a_column_count_below_one_in_one_line(good, capsys, mode):
+    """Validating and comparing alike: exit 2 (bad input, not a failed file), one line
+    naming the option, no traceback and no report written."""
+    args = [str(good), "--columns-per-batch", "0"] + [str(good) if a == "SELF" else a for a in mode]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --columns-per-batch 0: must be at least 1\n"
+    assert not os.path.exists(default_report_path(str(good)))
 
 
 def test_cli_report_option_and_quiet(good, tmp_path, capsys):
