@@ -1,13 +1,16 @@
-"""``python -m bench.extract --rows 10000 [--workers 1,2] [--repeat 3]``
+"""``python -m bench.extract --rows 10000 [--workers 1,2] [--memory-limits 512MB,19GB] [--repeat 3]``
 
 Builds a sample warehouse of one pair (all 667 tables) at ``--rows``, then times, each
 in its own process:
 
 - the extract job (``python -m pipelines.extract``, Beam DirectRunner, multi-threading)
-  with each ``--direct_num_workers`` in ``--workers``, into a fresh checkpoint folder;
+  with each ``--direct_num_workers`` in ``--workers``, into a fresh checkpoint folder,
+  once per DuckDB memory limit in ``--memory-limits`` (the warehouse source's
+  ``?memory_limit=``; by default the source's own);
 - the bare loop it is measured against: the same GoogleSQL queries (one per table and
   shard, translated for DuckDB) run as ``COPY (query) TO 'x.parquet'`` by the same
-  number of threads, with nothing else (no counts, dedupe, records or verification).
+  number of threads, with nothing else (no counts, dedupe, records or verification), on
+  DuckDB's defaults.
 
 Prints wall time, CPU time (user + system) and the cores it kept busy on average (CPU
 over wall), peak RSS, and the ratio of each extract run to the bare loop with the same
@@ -52,8 +55,9 @@ def copy_loop(warehouse: str, pair: str, out: str, workers: int) -> None:
         list(pool.map(run, enumerate(plan.tasks)))
 
 
-def _trial(kind: str, workers: int, warehouse: str, work: str, args) -> dict:
-    """One measured run of the copy loop or the extract job, into a folder removed after."""
+def _trial(kind: str, workers: int, limit: str | None, warehouse: str, work: str, args) -> dict:
+    """One measured run of the copy loop or the extract job (reading the warehouse with
+    DuckDB's memory ``limit``, or the source's default), into a folder removed after."""
     from bench.merge import run_isolated
 
     out = os.path.join(work, f"{kind}{workers}")
@@ -62,16 +66,19 @@ def _trial(kind: str, workers: int, warehouse: str, work: str, args) -> dict:
                str(workers)]
     else:
         cmd = [sys.executable, "-m", "pipelines.extract", "--pair", args.pair,
-               "--source", f"duckdb://{warehouse}", "--checkpoint-root", out,
+               "--source", f"duckdb://{warehouse}" + (f"?memory_limit={limit}" if limit else ""),
+               "--checkpoint-root", out,
                f"--direct_num_workers={workers}", f"--direct_running_mode={args.running_mode}"]
     r = run_isolated(cmd, args.cap_seconds, 1 << 40)
     shutil.rmtree(out, ignore_errors=True)
     return r
 
 
-def _line(kind: str, workers: int, r: dict, base: dict | None) -> str:
+def _line(kind: str, workers: int, limit: str | None, r: dict, base: dict | None) -> str:
     """A run's row; its ratio to ``base`` (a copy loop with as many workers) when given."""
     name = f"copy loop, {workers} threads" if kind == "copy" else f"extract, {workers} workers"
+    if limit:
+        name += f", {limit}"
     ratio = f"{r['wall'] / base['wall']:.2f}" if base and base["wall"] and r["code"] == 0 else "-"
     return f"{name:>24} {_figures(r)} {ratio:>12}  {'ok' if r['code'] == 0 else r['error']}"
 
@@ -96,6 +103,10 @@ def main(argv=None) -> int:
                    help="the DirectRunner's --direct_running_mode for the extract runs")
     p.add_argument("--runs", default="copy,extract",
                    help="comma list of copy (the bare COPY loop) and extract")
+    p.add_argument("--memory-limits", default="",
+                   help="comma list of DuckDB memory limits for the extract runs' warehouse "
+                        "(each is run); default: the source's own (sources.DUCKDB_MEMORY_LIMIT). "
+                        "19GB is DuckDB's default on a 24 GiB machine")
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds of every run, taken in turns; medians are printed after")
     args = p.parse_args(argv)
@@ -119,20 +130,22 @@ def main(argv=None) -> int:
                   f"{'x copy loop':>12}  result")
         print(header, flush=True)
         kinds = [k for k in ("copy", "extract") if k in args.runs.split(",")]
-        trials: dict[tuple[str, int], list[dict]] = {}
+        limits = [m for m in args.memory_limits.split(",") if m] or [None]
+        trials: dict[tuple[str, int, str | None], list[dict]] = {}
         # Rounds taken in turns, so that a slow spell of a shared machine falls on all.
         for _ in range(args.repeat):
             for workers in [int(w) for w in args.workers.split(",")]:
-                for kind in kinds:
-                    r = _trial(kind, workers, warehouse, work, args)
-                    trials.setdefault((kind, workers), []).append(r)
-                    base = trials.get(("copy", workers), [None])[-1]
-                    print(_line(kind, workers, r, base), flush=True)
+                for kind, limit in [(k, m) for k in kinds for m in (limits if k == "extract" else [None])]:
+                    r = _trial(kind, workers, limit, warehouse, work, args)
+                    trials.setdefault((kind, workers, limit), []).append(r)
+                    base = trials.get(("copy", workers, None), [None])[-1]
+                    print(_line(kind, workers, limit, r, base), flush=True)
         if args.repeat > 1:
             print(f"\nmedians of {args.repeat} runs each (peak RSS: the highest)\n{header}")
-            for (kind, workers), runs in trials.items():
-                base = summarize_trials(trials[("copy", workers)]) if ("copy", workers) in trials else None
-                print(_line(kind, workers, summarize_trials(runs), base), flush=True)
+            for (kind, workers, limit), runs in trials.items():
+                copies = trials.get(("copy", workers, None))
+                base = summarize_trials(copies) if copies else None
+                print(_line(kind, workers, limit, summarize_trials(runs), base), flush=True)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

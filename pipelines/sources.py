@@ -14,6 +14,7 @@ again, also while a job is awaited (:func:`wait_for_job`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -33,6 +34,13 @@ SCRATCH_HOURS = 6  # scratch result tables expire on their own after this
 REQUEST_SECONDS_ENV = "BQX_REQUEST_SECONDS"
 DEFAULT_REQUEST_SECONDS = 60.0
 JOB_POLL_SECONDS = (0.2, 5.0)  # first and longest sleep between polls of a running job
+# DuckDB's own memory limit for a warehouse (``duckdb://PATH?memory_limit=...``). Its
+# default, 80% of the machine, let the block cache keep the tables already read, each
+# of which is read once: 5.30-6.65 GiB peak RSS extracting a 100,000-row pair against
+# 1.55-2.03 with this limit, no slower (BENCHMARKS.md, "DuckDB's memory limit for the
+# warehouse"). Extraction queries scan one shard; the largest state they keep is the
+# shard's distinct keys.
+DUCKDB_MEMORY_LIMIT = "512MB"
 
 log = logging.getLogger(__name__)
 
@@ -131,20 +139,28 @@ class Source(Protocol):
 
 
 class DuckDBSource:
-    """A DuckDB file laid out like the BigQuery datasets (one schema per dataset)."""
+    """A DuckDB file laid out like the BigQuery datasets (one schema per dataset), read
+    with at most ``memory_limit`` of DuckDB's memory (DuckDB's syntax, e.g. ``2GB``)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, memory_limit: str = DUCKDB_MEMORY_LIMIT):
         import duckdb
 
         self.path = path
         self.url = f"duckdb://{path}"
         self.project = None
+        self.memory_limit = memory_limit
         if not os.path.isfile(path):
             raise PipelineError(f"DuckDB warehouse not found: {path}")
         try:
             self._con = duckdb.connect(path, read_only=True)
         except duckdb.Error as exc:
             raise PipelineError(f"cannot open DuckDB warehouse {path}: {exc}") from None
+        try:
+            self._con.execute(f"SET memory_limit = '{memory_limit.replace(chr(39), '')}'")
+        except duckdb.Error as exc:
+            self._con.close()
+            raise PipelineError(f"source {self.url}: memory_limit={memory_limit!r} is not a "
+                                f"DuckDB memory size such as 512MB or 2GB") from None
         self._con.execute("SET TimeZone = 'UTC'")
         # One connection serves one thread at a time; Beam may call from several.
         self._lock = threading.Lock()
@@ -161,30 +177,36 @@ class DuckDBSource:
     def query_arrow(self, googlesql: str) -> pa.Table:
         from pipelines.sql import to_duckdb
 
-        with self._lock:
-            cur = self._con.cursor()
-        try:
+        with self._cursor() as cur:
             return cur.execute(to_duckdb(googlesql)).to_arrow_table()
-        finally:
-            cur.close()
 
     def query_rows(self, googlesql: str) -> list[dict[str, Any]]:
         from pipelines.sql import to_duckdb
 
-        with self._lock:
-            cur = self._con.cursor()
-        try:
+        with self._cursor() as cur:
             cur.execute(to_duckdb(googlesql))
             names = [d[0] for d in cur.description]
             return [dict(zip(names, row)) for row in cur.fetchall()]
-        finally:
-            cur.close()
 
     def _fetch(self, sql: str, params: list[Any]) -> list[tuple]:
+        with self._cursor() as cur:
+            return cur.execute(sql, params).fetchall()
+
+    @contextlib.contextmanager
+    def _cursor(self):
+        """A cursor of the connection, closed after use; running out of DuckDB's memory
+        limit becomes a PipelineError that says how to raise it (retrying cannot help)."""
+        import duckdb
+
         with self._lock:
             cur = self._con.cursor()
         try:
-            return cur.execute(sql, params).fetchall()
+            yield cur
+        except duckdb.OutOfMemoryException:
+            raise PipelineError(
+                f"source {self.url}: a query needed more than DuckDB's memory limit "
+                f"({self.memory_limit}); raise it with --source "
+                f"'duckdb://{self.path}?memory_limit=2GB'") from None
         finally:
             cur.close()
 
@@ -413,20 +435,30 @@ def _tables_of(googlesql: str, project: str) -> list[tuple[str, str, str]]:
     return out
 
 
+def _url_parameters(url: str, query: str, known: tuple[str, ...]) -> dict[str, str]:
+    """The parameters of a source URL's query string, each one of ``known``."""
+    from urllib.parse import parse_qs
+
+    params = {k: v[-1] for k, v in parse_qs(query).items()}
+    unknown = set(params) - set(known)
+    if unknown:
+        raise PipelineError(f"source {url}: unknown parameter(s) {', '.join(sorted(unknown))}; "
+                            f"known: {', '.join(known)}")
+    return params
+
+
 def open_source(url: str) -> Source:
-    """Open a source from its URL: ``duckdb:///path/file.duckdb`` (or a plain path) or
-    ``bigquery://PROJECT[?scratch_dataset=DATASET&location=LOCATION]``."""
+    """Open a source from its URL: ``duckdb:///path/file.duckdb[?memory_limit=2GB]`` (or
+    a plain path) or ``bigquery://PROJECT[?scratch_dataset=DATASET&location=LOCATION]``."""
     if url.startswith("duckdb://"):
-        return DuckDBSource(url[len("duckdb://"):])
+        path, _, query = url[len("duckdb://"):].partition("?")
+        params = _url_parameters(url, query, ("memory_limit",))
+        return DuckDBSource(path, memory_limit=params.get("memory_limit", DUCKDB_MEMORY_LIMIT))
     if url.startswith("bigquery://"):
-        from urllib.parse import parse_qs, urlsplit
+        from urllib.parse import urlsplit
 
         parts = urlsplit(url)
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        unknown = set(query) - {"scratch_dataset", "location"}
-        if unknown:
-            raise PipelineError(f"source {url}: unknown parameter(s) {', '.join(sorted(unknown))}; "
-                                "known: scratch_dataset, location")
+        query = _url_parameters(url, parts.query, ("scratch_dataset", "location"))
         return BigQuerySource(parts.netloc or parts.path.strip("/"),
                               scratch_dataset=query.get("scratch_dataset"),
                               location=query.get("location"))

@@ -61,6 +61,14 @@ def test_extract_missing_source(tmp_path):
     assert "nope.duckdb" in _error_line(proc)
 
 
+def test_extract_over_the_warehouse_memory_limit(warehouse, tmp_path):
+    proc = run_module("pipelines.extract", "--pair", PAIR, "--source",
+                      f"duckdb://{warehouse}?memory_limit=100KB", "--checkpoint-root", str(tmp_path))
+    assert proc.returncode == 2
+    assert "more than DuckDB's memory limit (100KB); raise it" in _error_line(proc)
+    assert os.listdir(tmp_path) == []
+
+
 def test_duplicate_keys_with_error_policy(warehouse, tmp_path):
     proc = run_module("pipelines.extract", "--pair", PAIR, "--source", f"duckdb://{warehouse}",
                       "--checkpoint-root", str(tmp_path), "--shard-days", "1",

@@ -107,6 +107,34 @@ def test_extract_shards_transform_routes_data_errors_to_failed(tiny_warehouse, t
     assert not checkpoints.shard_is_done(tasks[1])
 
 
+def _memory_limit(source):
+    return source.query_rows("SELECT current_setting('memory_limit') AS m")[0]["m"]
+
+
+def test_a_warehouse_is_read_within_duckdbs_memory_limit(tiny_warehouse):
+    from pipelines.sources import DUCKDB_MEMORY_LIMIT, open_source
+
+    default = open_source(f"duckdb://{tiny_warehouse}")
+    assert (default.memory_limit, _memory_limit(default)) == (DUCKDB_MEMORY_LIMIT, "488.2 MiB")
+    assert _memory_limit(open_source(f"duckdb://{tiny_warehouse}?memory_limit=64MB")) == "61.0 MiB"
+    with pytest.raises(PipelineError, match="memory_limit='lots' is not a DuckDB memory size"):
+        open_source(f"duckdb://{tiny_warehouse}?memory_limit=lots")
+    with pytest.raises(PipelineError, match="unknown parameter.*memory; known: memory_limit"):
+        open_source(f"duckdb://{tiny_warehouse}?memory=1GB")
+
+
+def test_a_shard_over_the_memory_limit_fails_saying_how_to_raise_it(tiny_warehouse, tmp_path):
+    url = f"duckdb://{tiny_warehouse}?memory_limit=100KB"
+    tasks = _tasks(["a", "b"], str(tmp_path / "ck"))
+    with TestPipeline() as p:
+        out = p | beam.Create(tasks) | ExtractShards(url, "interval_time", "drop")
+        assert_that(out.records, equal_to([]), label="none written")
+        assert_that(out[FAILED] | beam.Map(lambda line: ("memory limit (100KB)" in line,
+                                                         "?memory_limit=2GB" in line)),
+                    equal_to([(True, True)] * 2), label="failed")
+    assert not any(checkpoints.shard_is_done(t) for t in tasks)
+
+
 def test_sorted_input_skips_the_sort_with_the_same_result():
     rows = [(k, float(k)) for k in range(50)]
     table = pa.concat_tables([_table(rows[:20]), _table(rows[20:])])  # two chunks
