@@ -80,7 +80,7 @@ def _line(kind: str, workers: int, limit: str | None, r: dict, base: dict | None
     if limit:
         name += f", {limit}"
     ratio = f"{r['wall'] / base['wall']:.2f}" if base and base["wall"] and r["code"] == 0 else "-"
-    return f"{name:>24} {_figures(r)} {ratio:>12}  {'ok' if r['code'] == 0 else r['error']}"
+    return f"{name:>30} {_figures(r)} {ratio:>12}  {'ok' if r['code'] == 0 else r['error']}"
 
 
 def _figures(r: dict) -> str:
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--memory-limits", default="",
                    help="comma list of DuckDB memory limits for the extract runs' warehouse "
                         "(each is run); default: the source's own (sources.DUCKDB_MEMORY_LIMIT). "
-                        "19GB is DuckDB's default on a 24 GiB machine")
+                        "19GB is about DuckDB's own default (80%% of memory) on a 24 GiB machine")
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds of every run, taken in turns; medians are printed after")
     args = p.parse_args(argv)
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
             build_warehouse(warehouse, [args.pair], rows=args.rows, seed=0)
             print(f"sample warehouse: {args.rows} rows, {time.monotonic() - started:.0f} s")
         print(f"extract runs: DirectRunner, {args.running_mode}")
-        header = (f"{'run':>24} {'wall s':>8} {'CPU s':>7} {'cores':>6} {'peak RSS GiB':>13} "
+        header = (f"{'run':>30} {'wall s':>8} {'CPU s':>7} {'cores':>6} {'peak RSS GiB':>13} "
                   f"{'x copy loop':>12}  result")
         print(header, flush=True)
         kinds = [k for k in ("copy", "extract") if k in args.runs.split(",")]

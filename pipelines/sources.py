@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -34,13 +35,16 @@ SCRATCH_HOURS = 6  # scratch result tables expire on their own after this
 REQUEST_SECONDS_ENV = "BQX_REQUEST_SECONDS"
 DEFAULT_REQUEST_SECONDS = 60.0
 JOB_POLL_SECONDS = (0.2, 5.0)  # first and longest sleep between polls of a running job
-# DuckDB's own memory limit for a warehouse (``duckdb://PATH?memory_limit=...``). Its
-# default, 80% of the machine, let the block cache keep the tables already read, each
-# of which is read once: 5.30-6.65 GiB peak RSS extracting a 100,000-row pair against
-# 1.55-2.03 with this limit, no slower (BENCHMARKS.md, "DuckDB's memory limit for the
-# warehouse"). Extraction queries scan one shard; the largest state they keep is the
-# shard's distinct keys.
+# DuckDB's own memory limit for a warehouse (``duckdb://PATH?memory_limit=...``), shared
+# by every connection to that file in one process (DuckDB keeps one database per file).
+# Its default, 80% of the machine, let the block cache keep the tables already read,
+# each of which is read once: 5.30-6.65 GiB peak RSS extracting a 100,000-row pair
+# against 1.43-2.03 with this limit, with no cost in time seen (BENCHMARKS.md, "DuckDB's
+# memory limit for the warehouse"). Extraction queries scan one shard each; the largest
+# state they keep is the distinct keys of the shards one count query covers (up to 16).
 DUCKDB_MEMORY_LIMIT = "512MB"
+# DuckDB's memory sizes, as this project accepts them (no quotes reach the SET).
+_MEMORY_SIZE = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?)?B", re.IGNORECASE)
 
 log = logging.getLogger(__name__)
 
@@ -156,11 +160,13 @@ class DuckDBSource:
         except duckdb.Error as exc:
             raise PipelineError(f"cannot open DuckDB warehouse {path}: {exc}") from None
         try:
-            self._con.execute(f"SET memory_limit = '{memory_limit.replace(chr(39), '')}'")
-        except duckdb.Error as exc:
+            if not _MEMORY_SIZE.fullmatch(memory_limit.strip()):
+                raise PipelineError("not a memory size such as 512MB or 2GB")
+            self._con.execute(f"SET memory_limit = '{memory_limit.strip()}'")
+        except (PipelineError, duckdb.Error) as exc:
             self._con.close()
-            raise PipelineError(f"source {self.url}: memory_limit={memory_limit!r} is not a "
-                                f"DuckDB memory size such as 512MB or 2GB") from None
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise PipelineError(f"source {self.url}: memory_limit={memory_limit!r}: {first}") from None
         self._con.execute("SET TimeZone = 'UTC'")
         # One connection serves one thread at a time; Beam may call from several.
         self._lock = threading.Lock()
@@ -194,8 +200,9 @@ class DuckDBSource:
 
     @contextlib.contextmanager
     def _cursor(self):
-        """A cursor of the connection, closed after use; running out of DuckDB's memory
-        limit becomes a PipelineError that says how to raise it (retrying cannot help)."""
+        """A cursor of the connection, closed after use. Running out of DuckDB's memory
+        limit becomes a PipelineError that says how to raise it: the limit, not a
+        passing fault, is what to change."""
         import duckdb
 
         with self._lock:
@@ -206,7 +213,7 @@ class DuckDBSource:
             raise PipelineError(
                 f"source {self.url}: a query needed more than DuckDB's memory limit "
                 f"({self.memory_limit}); raise it with --source "
-                f"'duckdb://{self.path}?memory_limit=2GB'") from None
+                f"'duckdb://{self.path}?memory_limit=SIZE', SIZE above {self.memory_limit}") from None
         finally:
             cur.close()
 
@@ -436,14 +443,19 @@ def _tables_of(googlesql: str, project: str) -> list[tuple[str, str, str]]:
 
 
 def _url_parameters(url: str, query: str, known: tuple[str, ...]) -> dict[str, str]:
-    """The parameters of a source URL's query string, each one of ``known``."""
-    from urllib.parse import parse_qs
+    """The parameters of a source URL's query string, each one of ``known``, given once
+    and with a value."""
+    from urllib.parse import parse_qsl
 
-    params = {k: v[-1] for k, v in parse_qs(query).items()}
+    pairs = parse_qsl(query, keep_blank_values=True)
+    params = dict(pairs)
     unknown = set(params) - set(known)
     if unknown:
         raise PipelineError(f"source {url}: unknown parameter(s) {', '.join(sorted(unknown))}; "
                             f"known: {', '.join(known)}")
+    for name in params:
+        if [k for k, _ in pairs].count(name) > 1 or not params[name]:
+            raise PipelineError(f"source {url}: parameter {name} must be given once, with a value")
     return params
 
 

@@ -13,6 +13,7 @@ Two costs grow with the number of tasks, not with the data, and batches cut both
 """
 from __future__ import annotations
 
+import logging
 import pickle
 import zlib
 from typing import Sequence
@@ -20,6 +21,8 @@ from typing import Sequence
 from pipelines.checkpoints import ShardTask
 from pipelines.errors import PipelineError
 from pipelines.sql import BATCH_TASK, count_batch
+
+log = logging.getLogger(__name__)
 
 # At most this many tasks per batch: one count query answers them, and a BigQuery
 # query of this many count subqueries stays far below its size and table limits.
@@ -68,7 +71,8 @@ def batch_counts(source, tasks: Sequence[ShardTask], ask) -> list[dict[str, int]
     query = count_query(tasks)
     try:
         rows = ask(source.query_rows, query, f"the counts of {len(tasks)} shards")
-    except PipelineError:
+    except PipelineError as exc:
+        log.warning("%s; counting each shard alone", exc)
         return [None] * len(tasks)
     found: list[dict[str, int] | None] = [None] * len(tasks)
     for row in rows:

@@ -119,11 +119,14 @@ def _refused_query(exc: Exception) -> bool:
 
 
 def _ask(query, sql: str, label: str):
-    """``query(sql)``, with a refused query turned into a PipelineError naming ``label``."""
+    """``query(sql)``, with a refused query turned into a PipelineError naming ``label``,
+    and the source's own PipelineErrors (which do not know the task) prefixed with it."""
     try:
         return query(sql)
-    except PipelineError:
-        raise
+    except PipelineError as exc:
+        if str(exc).startswith(label):
+            raise
+        raise PipelineError(f"{label}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - re-raised unless it is a refusal
         if not _refused_query(exc):
             raise
