@@ -11,7 +11,8 @@ in a fresh process that samples itself every 20 ms:
 - bytes glibc's allocator holds from the operating system (mallinfo2: in use and free);
 - the rest of the anonymous memory: pages Arrow's allocator keeps after they are freed
   (jemalloc returns them after about a second), Polars' and Python's own memory (with
-  ``ARROW_DEFAULT_MEMORY_POOL=system`` it was at most 0: BENCHMARKS.md, "Where the peak
+  ``ARROW_DEFAULT_MEMORY_POOL=system`` it was at most 0, since Arrow's allocations are
+  then counted in both the arrow and glibc figures: BENCHMARKS.md, "Where the peak
   falls").
 
 It prints those at the RSS peak (where they add up to RSS) and the median of each over
