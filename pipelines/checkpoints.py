@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.catalog import Column, TableSpec, check_identifier, check_output_columns
-from pipelines.errors import PipelineError
+from pipelines.errors import PipelineError, first_line
 from pipelines.schema import ARROW_TYPES, arrow_type
 from pipelines.window import Window
 
@@ -512,7 +512,7 @@ def verify_shard(path: str, shard: dict[str, Any], expected: pa.Schema,
             meta = pq.read_metadata(source)
         schema = meta.schema.to_arrow_schema()
     except Exception as exc:  # pyarrow raises several types for broken footers
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         return [f"checkpoint {path} is not readable parquet: {first}"]
     if meta.num_rows != shard["rows"]:
         return [_stale_listing(path, listed_in, "rows", shard["rows"], meta.num_rows)

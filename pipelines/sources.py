@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from pipelines import cli
-from pipelines.errors import PipelineError
+from pipelines.errors import PipelineError, first_line
 from pipelines.storage import retry_timing
 
 DEFAULT_DATA_DIR = "data"
@@ -152,21 +152,18 @@ class DuckDBSource:
         self.path = path
         self.url = f"duckdb://{path}"
         self.project = None
-        self.memory_limit = memory_limit
+        self.memory_limit = memory_limit.strip()
+        if not _MEMORY_SIZE.fullmatch(self.memory_limit):
+            raise PipelineError(f"source {self.url}: memory_limit={memory_limit!r}: not a "
+                                f"memory size such as 512MB or 2GB")
         if not os.path.isfile(path):
             raise PipelineError(f"DuckDB warehouse not found: {path}")
         try:
             self._con = duckdb.connect(path, read_only=True)
+            self._con.execute(f"SET memory_limit = '{self.memory_limit}'")
         except duckdb.Error as exc:
-            raise PipelineError(f"cannot open DuckDB warehouse {path}: {exc}") from None
-        try:
-            if not _MEMORY_SIZE.fullmatch(memory_limit.strip()):
-                raise PipelineError("not a memory size such as 512MB or 2GB")
-            self._con.execute(f"SET memory_limit = '{memory_limit.strip()}'")
-        except (PipelineError, duckdb.Error) as exc:
-            self._con.close()
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise PipelineError(f"source {self.url}: memory_limit={memory_limit!r}: {first}") from None
+            raise PipelineError(f"cannot open DuckDB warehouse {path} with memory_limit="
+                                f"{self.memory_limit}: {first_line(exc)}") from None
         self._con.execute("SET TimeZone = 'UTC'")
         # One connection serves one thread at a time; Beam may call from several.
         self._lock = threading.Lock()
@@ -453,8 +450,9 @@ def _url_parameters(url: str, query: str, known: tuple[str, ...]) -> dict[str, s
     if unknown:
         raise PipelineError(f"source {url}: unknown parameter(s) {', '.join(sorted(unknown))}; "
                             f"known: {', '.join(known)}")
-    for name in params:
-        if [k for k, _ in pairs].count(name) > 1 or not params[name]:
+    names = [name for name, _ in pairs]
+    for name, value in params.items():
+        if not value or names.count(name) > 1:
             raise PipelineError(f"source {url}: parameter {name} must be given once, with a value")
     return params
 

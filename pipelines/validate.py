@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.errors import PipelineError
+from pipelines.errors import PipelineError, first_line
 
 METADATA_KEY = b"bqx.training"
 METADATA_FORMAT = 1
@@ -531,7 +531,7 @@ def _open_parquet(path: str):
     except (OSError, pa.ArrowException) as e:
         if source is not None:
             source.close()
-        raise PipelineError(f"{path}: cannot read parquet footer: {_first_line(e)}") from None
+        raise PipelineError(f"{path}: cannot read parquet footer: {first_line(e)}") from None
     try:
         yield pf
     finally:
@@ -715,7 +715,7 @@ def validate_training_set(path: str | os.PathLike, expected: dict | None = None,
                     pf = pq.ParquetFile(fh)
                 except (OSError, pa.ArrowException) as e:
                     raise PipelineError(f"{f}: cannot read parquet footer: "
-                                        f"{_first_line(e)}") from None
+                                        f"{first_line(e)}") from None
                 report.file_bytes += storage.size(f)
                 report.footer_bytes += pf.metadata.serialized_size
                 fnames = pf.schema_arrow.names
@@ -861,7 +861,7 @@ def _gcs_ends(path: str) -> tuple[int, bytes, bytes]:
     except FileNotFoundError:
         raise PipelineError(f"{path}: no such object") from None
     except (OSError, pa.ArrowException) as e:
-        raise PipelineError(f"{path}: cannot read: {_first_line(e)}") from None
+        raise PipelineError(f"{path}: cannot read: {first_line(e)}") from None
     return size, head, tail
 
 
@@ -904,7 +904,7 @@ def _read(pf: pq.ParquetFile, rg: int, columns: list[str], path: str) -> pa.Tabl
     try:
         return pf.read_row_group(rg, columns=columns, use_threads=True)
     except (OSError, pa.ArrowException) as e:
-        raise PipelineError(f"{path}: cannot read row group {rg}: {_first_line(e)}") from None
+        raise PipelineError(f"{path}: cannot read row group {rg}: {first_line(e)}") from None
 
 
 def _check_expectations(report: Report, meta: dict | None, expected: dict) -> None:
@@ -1110,11 +1110,6 @@ def _human_bytes(n: int) -> str:
     return f"{n}"
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def default_report_path(path: str | os.PathLike) -> str:
     """``x/training_eurusd.parquet`` -> ``x/training_eurusd.validation.json``."""
     path = os.fspath(path)
@@ -1287,7 +1282,7 @@ def _read_indices(pf: pq.ParquetFile, row_groups: list[int], indices: list[int],
         return pf.read_row_groups(row_groups, columns=[schema.names[i] for i in indices])
     except (OSError, pa.ArrowException) as e:
         raise PipelineError(f"{path}: cannot read row group(s) {row_groups}: "
-                            f"{_first_line(e)}") from None
+                            f"{first_line(e)}") from None
 
 
 def _rows_of(pf: pq.ParquetFile, starts: np.ndarray, lo: int, hi: int,
@@ -1372,7 +1367,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(f"report: {report_path}")
     except PipelineError as e:
-        print(f"error: {_first_line(e)}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     return 0 if report.ok else 1
 
@@ -1382,7 +1377,7 @@ def _compare_main(a: str, b: str, columns_per_batch: int | None) -> int:
     try:
         result = compare_files(a, b, columns_per_batch=columns_per_batch)
     except PipelineError as e:
-        print(f"error: {_first_line(e)}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     print(result.summary())
     return 0 if result.equal else 1

@@ -142,17 +142,22 @@ def test_a_warehouse_is_read_within_duckdbs_memory_limit(tiny_warehouse):
             open_source(f"duckdb://{tiny_warehouse}?{query}")
 
 
-def test_a_shard_over_the_memory_limit_fails_saying_how_to_raise_it(tiny_warehouse, tmp_path):
+def test_a_shard_over_the_memory_limit_fails_saying_how_to_raise_it(tiny_warehouse, tmp_path, caplog):
+    from pipelines.extract.batches import TaskBatch
+
     url = f"duckdb://{tiny_warehouse}?memory_limit=100KB"
     tasks = _tasks(["a", "b"], str(tmp_path / "ck"))
-    with TestPipeline() as p:
-        out = p | beam.Create(tasks) | ExtractShards(url, "interval_time", "drop")
+    with caplog.at_level("WARNING", logger="pipelines.extract.batches"), TestPipeline() as p:
+        out = p | beam.Create([TaskBatch(tasks)]) | ExtractShards(url, "interval_time", "drop")
         assert_that(out.records, equal_to([]), label="none written")
         assert_that(out[FAILED] | beam.Map(lambda line: (line.split(":")[0],
                                                          "memory limit (100KB)" in line,
                                                          "?memory_limit=SIZE" in line)),
                     equal_to([(t.label, True, True) for t in tasks]), label="failed")
     assert not any(checkpoints.shard_is_done(t) for t in tasks)
+    # The two shards' counts were asked in one query first; its failure is said, not hidden.
+    assert any(r.getMessage().startswith("the counts of 2 shards: source ")
+               and r.getMessage().endswith("; counting each shard alone") for r in caplog.records)
 
 
 def test_sorted_input_skips_the_sort_with_the_same_result():

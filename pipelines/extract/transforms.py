@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from pipelines import checkpoints
 from pipelines.checkpoints import ShardTask
-from pipelines.errors import PipelineError
+from pipelines.errors import PipelineError, first_line
 from pipelines.extract.batches import TaskBatch, batch_counts
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def conform(table: pa.Table, schema: pa.Schema, label: str) -> pa.Table:
         # differently (a key in 'Etc/UTC' casts to 'UTC' without loss).
         changed = [f"{f.name} is {table.schema.field(f.name).type}, expected {f.type}"
                    for f in schema if not _casts(table.column(f.name), f.type)]
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise PipelineError(f"{label}: column type changed: {'; '.join(changed[:3])} "
                             f"({first})") from None
 
@@ -124,13 +124,11 @@ def _ask(query, sql: str, label: str):
     try:
         return query(sql)
     except PipelineError as exc:
-        if str(exc).startswith(label):
-            raise
         raise PipelineError(f"{label}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - re-raised unless it is a refusal
         if not _refused_query(exc):
             raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise PipelineError(f"{label}: the source refused the query, did the table change "
                             f"since discovery? ({first})") from None
 

@@ -25,12 +25,7 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.checkpoints import describe_schema_difference
-from pipelines.errors import PipelineError
-
-
-def _first_line(exc: BaseException) -> str:
-    """An exception's first line: errors are one line, whatever pyarrow adds."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+from pipelines.errors import PipelineError, first_line
 
 
 def int_keys(array) -> np.ndarray:
@@ -115,7 +110,7 @@ class ShardCursor:
             raise PipelineError(f"checkpoint missing: {path} ({self.label})") from None
         except OSError as exc:  # a folder in its place, no permission, a failed request
             raise PipelineError(f"checkpoint {path} of {self.label} could not be read: "
-                                f"{_first_line(exc)}") from None
+                                f"{first_line(exc)}") from None
 
     def _decode(self, path: str, entry: dict[str, Any], source, names: list[str] | None,
                 read_checked: bool, check_keys: bool, footer: str | None = None) -> pa.Table:
@@ -136,7 +131,7 @@ class ShardCursor:
             table = pf.read(columns=names, use_threads=False) if actual.equals(self.schema) else None
         except (OSError, pa.ArrowException) as exc:
             problem = "is corrupt" if read_checked else "is corrupt or could not be read"
-            raise PipelineError(f"checkpoint {path} of {self.label} {problem}: {_first_line(exc)}") from None
+            raise PipelineError(f"checkpoint {path} of {self.label} {problem}: {first_line(exc)}") from None
         if table is None:
             raise PipelineError(f"checkpoint {path} of {self.label} has schema drift: "
                                 f"{describe_schema_difference(actual, self.schema)}")
