@@ -130,18 +130,20 @@ def test_merge_of_incomplete_extraction(ck, tmp_path):
     assert "extraction incomplete" in _error_line(proc)
 
 
-def _first_feature_shard(root):
+def _first_feature_shard(root, table=1):
+    """The first shard of the manifest's ``table`` (0: the targets, 1: the first features)."""
     manifest = checkpoints.load_manifest(root, PAIR)
-    return manifest.shard_files(manifest.tables[1])[0]
+    return manifest.shard_files(manifest.tables[table])[0]
 
 
+@pytest.mark.parametrize("table", [0, 1], ids=["targets", "features"])
 @pytest.mark.parametrize("damage, expected", [
     ("delete", "checkpoint missing"),
     ("truncate", "bytes, its record says"),
     ("flip", "is corrupt: CRC32C"),
 ])
-def test_merge_refuses_damaged_checkpoints(ck, tmp_path, damage, expected):
-    shard = _first_feature_shard(ck)
+def test_merge_refuses_damaged_checkpoints(ck, tmp_path, damage, expected, table):
+    shard = _first_feature_shard(ck, table)
     if damage == "delete":
         os.unlink(shard)
     elif damage == "truncate":

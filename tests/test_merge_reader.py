@@ -164,3 +164,18 @@ def test_a_shard_that_cannot_be_read_is_named(tmp_path):
                                                 r"could not be read"):
             _fresh(cursor).read_shards(1, 1, features)
     shutil.rmtree(path)
+
+
+def test_a_spine_slice_must_hold_the_keys_the_merge_wrote(tmp_path):
+    """The merge writes a row group's key column first, from the spine keys it read at
+    the start, and reads the targets in slices afterwards: a slice whose keys are not
+    those (its shards rewritten in between) stops the merge instead of being joined."""
+    from pipelines.merge.job import _read_run
+    from pipelines.merge.reader import int_keys
+
+    cursor, whole = _two_shards(tmp_path)
+    keys = int_keys(whole.column(0))
+    assert _read_run(cursor, 0, 2, range(0, 3), keys).equals(whole.select(whole.schema.names[:4]))
+    with pytest.raises(PipelineError, match=r"features\.wide_eurusd changed while merging"):
+        _read_run(cursor, 0, 2, range(3, 6), keys + 1)
+    assert _read_run(cursor, 0, 2, range(3, 6), None).num_rows == 200  # not the spine: joined

@@ -22,7 +22,7 @@ from pipelines import checkpoints, cli, storage
 from pipelines.checkpoints import Manifest
 from pipelines.errors import PipelineError
 from pipelines.merge import budget as budgets
-from pipelines.merge.reader import ShardCursor, read_ahead
+from pipelines.merge.reader import ShardCursor, has_keys, int_keys, read_ahead
 from pipelines.merge.writer import TrainingFileWriter
 from pipelines.validate import ColumnCounts, KeyDigest, default_report_path, validate_file
 from pipelines.window import window_from_options
@@ -247,10 +247,11 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
     groups = budgets.pack(shard_rows, row_group_rows)
     bounds = np.cumsum([0] + groups)
     largest = max((sum(shard_rows[a:b]) for a, b in zip(bounds[:-1], bounds[1:])), default=0)
-    # Batch b of a row group joins the column runs batches[b], (table, start, stop):
-    # table 0 is the spine (key and targets come first), and a wide table comes in
-    # slices; a batch's size, not the row group's, is what the budget bounds.
-    own_columns = [list(c.schema) if i == 0 else list(c.schema)[1:] for i, c in enumerate(cursors)]
+    # Batch b of a row group joins the column runs batches[b], (table, start, stop) of
+    # the tables' own columns (table 0, the spine, owns the targets; the key is written
+    # first, from the spine keys), and a wide table comes in slices, the spine's too; a
+    # batch's size, not the row group's, is what the budget bounds.
+    own_columns = [list(c.schema)[1:] for c in cursors]
     per_row = [[budgets.column_bytes(f) for f in fields] for fields in own_columns]
     batches = budgets.column_batches(per_row, largest, batch_bytes)
     key_bytes = budgets.column_bytes(schema.field(0))
@@ -262,23 +263,27 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
                                 piece_bytes=batch_bytes / budgets.PIECES_PER_BATCH)
     joiner = joiner_cls(key, schema, memory_budget, scratch)
     progress = cli.Progress("merge", len(groups) * len(batches), "column batches")
-    sliced = {t for b in batches for t, a, z in b if t and _features(own_columns[t], a, z)}
+    sliced = {t for b in batches for t, a, z in b if _features(own_columns[t], a, z)}
     table_bytes = [sum(shard["bytes"] for shard in entry["shards"]) for entry in manifest.tables]
     log.info("[merge] %d row group(s) of up to %d rows, %d column batches each "
              "(%d wide table(s) read in slices of columns: %.2f of %.2f GiB of checkpoints)",
              len(groups), largest, len(batches), len(sliced),
              sum(table_bytes[t] for t in sliced) / 2**30, sum(table_bytes) / 2**30)
-    done = rows = 0
+    done = 0
     merging = time.monotonic()
     nulls = np.zeros(len(schema), dtype=np.int64)
     infs = np.zeros(len(schema), dtype=np.int64)
-    # Output position of each table's first column (the spine's key is column 0), and
-    # the first and last column of every batch: reading those back decodes every piece
-    # the writer assembled.
-    starts = np.concatenate([[0], np.cumsum([len(c) for c in own_columns])]).tolist()
+    # Output position of each table's first own column (the key is column 0), and the
+    # first and last column of every batch: reading those back decodes every piece the
+    # writer assembled.
+    starts = np.concatenate([[1], 1 + np.cumsum([len(c) for c in own_columns])]).tolist()
     check_columns = sorted({schema.names[p] for b in batches
                             for p in (starts[b[0][0]] + b[0][1], starts[b[-1][0]] + b[-1][2] - 1)},
                            key=schema.names.index)
+    row_starts = np.cumsum([0] + shard_rows).tolist()
+    if len(spine_keys) != row_starts[-1]:
+        raise PipelineError(f"spine of {manifest.pair} changed since the preflight: its shards hold "
+                            f"{len(spine_keys)} keys, the manifest {row_starts[-1]}")
     # Each table is handed to the writer as soon as it is joined; the writer encodes and
     # writes behind the main thread (pyarrow releases the GIL) and holds a fixed number of
     # bytes (TrainingFileWriter), so reading, joining and encoding overlap at the same
@@ -286,29 +291,28 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
     readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="merge-reader")
     try:
         for first, count in zip(bounds[:-1].tolist(), groups):
-            spine = cursors[0].read_shards(first, count)
-            if spine.num_rows == 0:  # no targets there: a LEFT JOIN keeps nothing
+            group_rows = row_starts[first + count] - row_starts[first]
+            if group_rows == 0:  # no targets there: a LEFT JOIN keeps nothing
                 continue
-            keys = spine.select([key])
-            group_rows = spine.num_rows
+            keys = pa.table({key: spine_keys.slice(row_starts[first], group_rows)})
+            expected_keys = int_keys(keys.column(0))
             writer.begin_row_group(group_rows)
+            _count_values(keys, 0, nulls, infs)
+            writer.write_columns(keys)
             # One stream of reads for the whole row group: the reads of a batch's first
             # tables run while the batch before is still being joined, so small batches
-            # leave no gap in reading at their boundaries.
+            # leave no gap in reading at their boundaries. The spine's targets are read in
+            # slices like any table's, each checked to hold the keys written.
             with contextlib.closing(read_ahead(readers, (
-                    (functools.partial(cursors[table].read_shards, first, count,
-                                       _features(own_columns[table], a, b)),
+                    (functools.partial(_read_run, cursors[table], first, count,
+                                       _features(own_columns[table], a, b),
+                                       expected_keys if table == 0 else None),
                      (key_bytes + sum(per_row[table][a:b])) * group_rows)
-                    for batch in batches for table, a, b in batch if table != 0),
+                    for batch in batches for table, a, b in batch),
                     batch_bytes / budgets.SLICES_PER_BATCH)) as parts:
-                position = 0
+                position = 1
                 for batch in batches:
-                    joined = joiner.join(keys, itertools.islice(
-                        parts, sum(1 for run in batch if run[0] != 0)))
-                    if batch[0][0] == 0:  # the key and targets come first
-                        joined = itertools.chain([spine], joined)
-                        spine = None
-                    for table in joined:
+                    for table in joiner.join(keys, itertools.islice(parts, len(batch))):
                         _count_values(table, position, nulls, infs)
                         writer.write_columns(table)
                         position += table.num_columns
@@ -316,16 +320,12 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
                     done += 1
                     progress.update(done)
             writer.end_row_group()
-            rows += group_rows
         writer.close()
     finally:
         readers.shutdown(wait=True, cancel_futures=True)
         writer.discard()
         joiner.close()
         progress.close()
-    if rows != len(spine_keys):
-        raise PipelineError(f"spine of {manifest.pair} changed while merging "
-                            f"({rows} rows read, {len(spine_keys)} expected)")
     # Which stage was the slower: a large share waited means the encoders were.
     log.info("[merge] %d column batches written in %.1fs; reading and joining waited "
              "%.1fs of it for the encoders", done, time.monotonic() - merging, writer.waited)
@@ -337,6 +337,17 @@ def _features(columns: list, start: int, stop: int) -> range | None:
     """The feature positions ``ShardCursor.read_shards`` reads for the run ``start:stop``
     of a table's ``columns``: None for all of them, a range for a slice."""
     return None if (start, stop) == (0, len(columns)) else range(start, stop)
+
+
+def _read_run(cursor: ShardCursor, first: int, count: int, features: range | None,
+              spine_keys: np.ndarray | None) -> pa.Table:
+    """:meth:`ShardCursor.read_shards`; with ``spine_keys`` (a slice of the spine's
+    targets) its keys must be those, the keys read at the start and written."""
+    part = cursor.read_shards(first, count, features)
+    if spine_keys is not None and not has_keys(part, spine_keys):
+        raise PipelineError(f"{cursor.label} changed while merging: its keys are no longer "
+                            f"the ones read at the start")
+    return part
 
 
 def _spine_keys(manifest: Manifest, spec) -> pa.Array:
