@@ -184,10 +184,15 @@ def test_columns_out_of_order_or_short_row_groups_are_refused():
 
 def test_row_group_rows_shapes_the_file_not_its_content(extracted, tmp_path):
     """One day per row group (the test pair spans two days) or one row group in all,
-    and a budget that forces one table per column batch and reads tables in slices of
-    columns (with either join), or a small --column-batch-size: the same rows either way."""
+    row groups asked smaller than a shard (they hold one whole shard each), and a budget
+    that forces one table per column batch and reads tables in slices of columns (with
+    either join), or a small --column-batch-size: the same rows either way. The
+    validation's reads are sized for the largest row group actually written."""
+    from pipelines.merge import budget
+
     outputs = {}
     for name, args in {"one": [], "daily": ["--row-group-rows", "1440"],
+                       "below_a_shard": ["--row-group-rows", "1"],
                        "tiny_batches": ["--memory-budget", "401MiB"],
                        "tiny_batches_duckdb": ["--memory-budget", "401MiB", "--method", "duckdb"],
                        "tiny_column_batch_size": ["--column-batch-size", "256KiB"],
@@ -199,11 +204,20 @@ def test_row_group_rows_shapes_the_file_not_its_content(extracted, tmp_path):
         outputs[name] = pq.ParquetFile(out)
         sliced = re.search(r"\((\d+) wide table\(s\) read in slices", proc.stderr)
         assert sliced and (int(sliced.group(1)) > 0) == name.startswith("tiny"), proc.stderr
+        if name == "below_a_shard":
+            meta = outputs[name].metadata
+            largest = max(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+            expected = budget.validation_columns(largest, budget.batch_bytes(
+                budget.parse_size(budget.DEFAULT_BUDGET)))
+            assert expected < budget.validation_columns(1, budget.batch_bytes(
+                budget.parse_size(budget.DEFAULT_BUDGET)))
+            assert re.search(rf"\[validate\] done .*columns_per_read={expected}\b", proc.stderr), proc.stderr
     assert outputs["one"].num_row_groups == 1
-    assert outputs["daily"].num_row_groups == 2
+    assert outputs["daily"].num_row_groups == outputs["below_a_shard"].num_row_groups == 2
     assert "column batches each" in proc.stderr
     reference = outputs["one"].read()
-    for name in ("daily", "tiny_batches", "tiny_batches_duckdb", "tiny_column_batch_size"):
+    for name in ("daily", "below_a_shard", "tiny_batches", "tiny_batches_duckdb",
+                 "tiny_column_batch_size"):
         assert outputs[name].read().equals(reference), name
 
 

@@ -152,13 +152,13 @@ def merge(manifest: Manifest, output: str, method: str, memory_budget: int,
             if stored_crc != written.crc32c:
                 raise PipelineError(f"{path} has CRC32C {stored_crc}, the merge wrote "
                                     f"{written.crc32c}: not published")
+            # Row groups are whole shards, so the largest may hold more than row_group_rows.
+            columns = budgets.validation_columns(written.largest_row_group, batch)
             result = validate_file(path, expected={"spine_rows": spine_total,
                                                    "spine_digest": written.digest,
                                                    "pair": manifest.pair},
-                                   columns_per_batch=budgets.validation_columns(
-                                       min(row_group_rows, spine_total), batch),
-                                   counted=written.counts)
-            vout.update(ok=result.ok)
+                                   columns_per_batch=columns, counted=written.counts)
+            vout.update(ok=result.ok, columns_per_read=columns)
         if not result.ok:
             print(result.summary(), file=sys.stderr)
             raise PipelineError(f"the merged file failed validation and was not "
@@ -205,6 +205,7 @@ class Written:
     nbytes: int            # the file's size
     crc32c: str            # of every byte written
     counts: ColumnCounts   # NULLs and infinities per column, and columns to read back
+    largest_row_group: int  # rows of the largest row group
 
 
 def _count_values(table: pa.Table, first: int, nulls: np.ndarray, infs: np.ndarray) -> None:
@@ -330,7 +331,7 @@ def _merge_row_groups(manifest: Manifest, specs, schema: pa.Schema, path, joiner
     log.info("[merge] %d column batches written in %.1fs; reading and joining waited "
              "%.1fs of it for the encoders", done, time.monotonic() - merging, writer.waited)
     return Written(digest.hexdigest(), writer.nbytes, writer.crc32c,
-                   ColumnCounts(nulls, infs, check_columns))
+                   ColumnCounts(nulls, infs, check_columns), largest)
 
 
 def _features(columns: list, start: int, stop: int) -> range | None:
