@@ -19,7 +19,8 @@ It prints those at the RSS peak (where they add up to RSS) and the median of eac
 the middle 80% of the merge (taken one by one, so they need not add up), so that peak RSS
 at different row counts can be told apart by where it comes from; and the peak RSS of each
 of the job's stages (preflight, merge, validate: the innermost one running when a sample
-was taken), the peak's own marked, so that a peak is put in its stage. It also prints how
+was taken), the peak's own marked with how many seconds into that stage it fell, so that
+a peak is put in its stage and told apart as a start-up one or a steady one. It also prints how
 long the merge's reading and joining waited for its encoders: when that is a large share
 of the merge, the encoders are the slower stage, and the writer's places for pieces are
 full.
@@ -107,12 +108,17 @@ class _Stages(logging.Handler):
     def __init__(self):
         super().__init__(logging.INFO)
         self.running: list[str] = []
+        # When each stage started and ended (time.monotonic()), to place the peak in time.
+        self.started: dict[str, float] = {}
+        self.ended: dict[str, float] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         m = re.match(r"\[(\w+)\] (start|done)\b", record.getMessage())
         if m and m.group(2) == "start":
+            self.started[m.group(1)] = time.monotonic()
             self.running.append(m.group(1))
         elif m and m.group(1) in self.running:
+            self.ended[m.group(1)] = time.monotonic()
             self.running.remove(m.group(1))
 
     def current(self) -> str:
@@ -136,7 +142,8 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
     """Merge ``root``'s extraction of ``pair`` into ``output`` in this process while
     sampling its memory; returns the sample at the RSS peak and the medians over the
     middle 80% of the run (bytes), the stage running at the peak and each stage's peak
-    RSS (``stage``, ``stage_peaks``), the sample count, and the seconds the column
+    RSS (``stage``, ``stage_peaks``), the peak's seconds into its stage and that stage's
+    seconds (``peak_at``; None outside the stages), the sample count, and the seconds the column
     batches took and waited for the encoders (``batches``, ``waited``)."""
     import pyarrow as pa
 
@@ -178,7 +185,14 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
     stage_peaks: dict[str, int] = {}
     for s in samples:
         stage_peaks[s["stage"]] = max(stage_peaks.get(s["stage"], 0), s["rss"])
+    # Where in its stage the peak fell: at the start of the merge (a row group's first
+    # reads) or in its steady state are different stories.
+    at = None
+    if peak["stage"] in stages.started:
+        start = stages.started[peak["stage"]]
+        at = (peak["t"] - start, stages.ended.get(peak["stage"], last) - start)
     return {"peak": {f: peak[f] for f in FIELDS}, "stage": peak["stage"], "stage_peaks": stage_peaks,
+            "peak_at": at,
             "median": {f: statistics.median(s[f] for s in middle) for f in FIELDS},
             "samples": len(samples), "batches": wait.seconds and wait.seconds[0],
             "waited": wait.seconds and wait.seconds[1]}
@@ -196,6 +210,8 @@ def _table(results: dict[tuple[int, str, str], dict]) -> str:
             if which == "peak" and r.get("stage_peaks"):
                 stages = ", ".join(f"{name} {rss / 2**20:.0f}{'*' if name == r['stage'] else ''}"
                                    for name, rss in r["stage_peaks"].items())
+                if r.get("peak_at"):
+                    stages += " (the peak {:.1f} s into its stage of {:.1f} s)".format(*r["peak_at"])
             lines.append((f"{rows:>8,} {budget:>8} {batch:>8} {which:>6} " + " ".join(
                 f"{r[which][f] / 2**20:>10.0f}" for f in FIELDS)
                 + (f"  {waited:>24}  {stages}" if which == "peak" else "")).rstrip())

@@ -35,8 +35,12 @@ def test_the_memory_benchmark_splits_rss_into_its_parts(extracted, tmp_path):
     assert "merge" in r["stage_peaks"]
     assert set(r["stage_peaks"]) <= {"outside", "preflight", "merge", "validate"}
     assert r["stage_peaks"][r["stage"]] == peak["rss"] == max(r["stage_peaks"].values())
+    if r["stage"] != "outside":  # and the peak is placed in time within its stage
+        into, length = r["peak_at"]
+        assert 0 <= into <= length
     table = memory._table({(2000, "1.5GiB", "budget's"): r})
     assert f"{r['stage']} {peak['rss'] / 2**20:.0f}*" in table
+    assert r["stage"] == "outside" or "s into its stage of" in table
 
 
 def test_the_memory_benchmark_runs_a_merge_on_the_cores_it_is_given(extracted, tmp_path):
