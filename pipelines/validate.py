@@ -473,6 +473,19 @@ def columns_per_read(rows: int, nbytes: float = READ_BYTES) -> int:
     return int(max(16, min(MAX_COLUMNS_PER_READ, nbytes / (max(rows, 1) * 8))))
 
 
+def _checked_arguments(expected: dict | None, columns_per_batch: int | None) -> dict:
+    """The library's arguments checked before any file is opened: ``expected`` as a
+    dict of known keys only, and ``columns_per_batch`` None or at least 1 (ValueError)."""
+    expected = dict(expected or {})
+    unknown = set(expected) - _EXPECTED_KEYS
+    if unknown:
+        raise ValueError(f"unknown expected keys {sorted(unknown)}; "
+                         f"allowed: {sorted(_EXPECTED_KEYS)}")
+    if columns_per_batch is not None and columns_per_batch < 1:
+        raise ValueError("columns_per_batch must be at least 1")
+    return expected
+
+
 def _columns_per_read(pf: pq.ParquetFile, columns_per_batch: int | None) -> int:
     """``columns_per_batch``, or when None :func:`columns_per_read` for ``pf``'s largest
     row group."""
@@ -497,13 +510,7 @@ def validate_file(path: str | os.PathLike, expected: dict | None = None,
     the file is missing, unreadable or not parquet; problems with its contents are
     hard failures or warnings in the report, never exceptions.
     """
-    expected = dict(expected or {})
-    unknown = set(expected) - _EXPECTED_KEYS
-    if unknown:
-        raise ValueError(f"unknown expected keys {sorted(unknown)}; "
-                         f"allowed: {sorted(_EXPECTED_KEYS)}")
-    if columns_per_batch is not None and columns_per_batch < 1:
-        raise ValueError("columns_per_batch must be at least 1")
+    expected = _checked_arguments(expected, columns_per_batch)
     path = os.fspath(path)
     if is_training_set(path):
         return validate_training_set(path, expected, columns_per_batch)
@@ -641,13 +648,7 @@ def validate_training_set(path: str | os.PathLike, expected: dict | None = None,
     """
     from pipelines import storage
 
-    expected = dict(expected or {})
-    unknown = set(expected) - _EXPECTED_KEYS
-    if unknown:
-        raise ValueError(f"unknown expected keys {sorted(unknown)}; "
-                         f"allowed: {sorted(_EXPECTED_KEYS)}")
-    if columns_per_batch is not None and columns_per_batch < 1:
-        raise ValueError("columns_per_batch must be at least 1")
+    expected = _checked_arguments(expected, columns_per_batch)
     root = os.fspath(path)
     root = root.rstrip("/") if root.rstrip("/") else root
     report = Report(path=root + "/")
@@ -1158,8 +1159,7 @@ def compare_files(a: str | os.PathLike, b: str | os.PathLike,
     Raises PipelineError when either file is missing, not parquet, or a training set in
     parts.
     """
-    if columns_per_batch is not None and columns_per_batch < 1:
-        raise ValueError("columns_per_batch must be at least 1")
+    _checked_arguments(None, columns_per_batch)
     a, b = os.fspath(a), os.fspath(b)
     result = Comparison(a=a, b=b)
     with _opened(a) as pa_file, _opened(b) as pb_file:

@@ -171,6 +171,21 @@ def test_column_batches_of_three_give_the_same_report(good):
     assert small == big == one
 
 
+def test_the_library_refuses_bad_arguments_before_opening_anything(good, tmp_path):
+    """Unknown expected keys and fewer than one column per read are the caller's
+    mistakes, for a file, a training set in parts and a comparison alike."""
+    from pipelines.validate import compare_files, validate_training_set
+
+    for call in (lambda **kw: validate_file(good, **kw),
+                 lambda **kw: validate_training_set(tmp_path / "no-such-set", **kw)):
+        with pytest.raises(ValueError, match="columns_per_batch must be at least 1"):
+            call(columns_per_batch=0)
+        with pytest.raises(ValueError, match=r"unknown expected keys \['rows'\]"):
+            call(expected={"rows": 3})
+    with pytest.raises(ValueError, match="columns_per_batch must be at least 1"):
+        compare_files(good, good, columns_per_batch=0)
+
+
 def test_reads_are_row_group_by_row_group_in_column_batches(good, monkeypatch):
     calls = []
     orig = pq.ParquetFile.read_row_group
