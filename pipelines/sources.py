@@ -158,12 +158,18 @@ class DuckDBSource:
                                 f"memory size such as 512MB or 2GB")
         if not os.path.isfile(path):
             raise PipelineError(f"DuckDB warehouse not found: {path}")
+        con = None
         try:
-            self._con = duckdb.connect(path, read_only=True)
-            self._con.execute(f"SET memory_limit = '{self.memory_limit}'")
+            con = duckdb.connect(path, read_only=True)
+            con.execute(f"SET memory_limit = '{self.memory_limit}'")
         except duckdb.Error as exc:
+            # A size DuckDB refuses (too large) leaves the file open read-only: closed, so
+            # that the process can open it otherwise.
+            if con is not None:
+                con.close()
             raise PipelineError(f"cannot open DuckDB warehouse {path} with memory_limit="
                                 f"{self.memory_limit}: {first_line(exc)}") from None
+        self._con = con
         self._con.execute("SET TimeZone = 'UTC'")
         # One connection serves one thread at a time; Beam may call from several.
         self._lock = threading.Lock()

@@ -245,3 +245,25 @@ def test_extract_bad_retry_settings(warehouse, tmp_path):
     assert proc.returncode == 2
     assert _error_line(proc) == f"error: {expected}"
     assert os.listdir(tmp_path) == []
+
+
+def test_merge_refuses_spine_keys_that_disagree_with_the_manifest(ck, tmp_path):
+    """The merge writes each row group's key column from the spine keys it reads at the
+    start, cut by the manifest's row counts. Keys that disagree with those counts (a
+    targets shard rewritten after the preflight, which checked them) are refused before
+    anything is written, not cut wrong. The preflight is skipped here by calling the
+    row-group loop directly with the manifest's count changed in memory."""
+    from pipelines.errors import PipelineError
+    from pipelines.merge import budget, job
+    from pipelines.merge.join_polars import PolarsJoin
+
+    manifest = checkpoints.load_manifest(ck, PAIR)
+    manifest.targets["shards"][0]["rows"] += 1
+    out = str(tmp_path / "o.parquet")
+    size = budget.parse_size(budget.DEFAULT_BUDGET)
+    with pytest.raises(PipelineError, match=r"spine of eurusd changed since the preflight: "
+                                            r"its shards hold (\d+) keys, the manifest (?!\1)\d+"):
+        job._merge_row_groups(manifest, manifest.specs(), job.output_schema(manifest), out,
+                              PolarsJoin, budget.ROW_GROUP_ROWS, size, budget.batch_bytes(size),
+                              str(tmp_path))
+    assert not os.path.exists(out)

@@ -140,6 +140,16 @@ def test_a_warehouse_is_read_within_duckdbs_memory_limit(tiny_warehouse):
                          ("memory=1GB", "unknown parameter.*memory; known: memory_limit")]:
         with pytest.raises(PipelineError, match=error):
             open_source(f"duckdb://{tiny_warehouse}?{query}")
+    # A size of the right form that DuckDB itself refuses: one line, and the file is
+    # not left open (read-only, it would keep this process from opening it otherwise),
+    # even while the error, whose traceback holds the half-made source, is kept.
+    import duckdb
+
+    with pytest.raises(PipelineError, match=r"cannot open DuckDB warehouse .* with memory_limit="
+                                            r"99999999999999999999TB: .*too large") as refused:
+        open_source(f"duckdb://{tiny_warehouse}?memory_limit=99999999999999999999TB")
+    duckdb.connect(tiny_warehouse).close()
+    del refused
 
 
 def test_a_shard_over_the_memory_limit_fails_saying_how_to_raise_it(tiny_warehouse, tmp_path, caplog):
