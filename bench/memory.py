@@ -29,7 +29,10 @@ With several ``--memory-budget`` values each row count is merged once per budget
 tells memory that follows the budget from memory that follows the rows; several
 ``--column-batch-size`` values merge it once per largest column batch (and budget); with
 ``--row-group-rows`` a pair is merged in smaller row groups, which tells memory that
-follows the rows from memory that follows the row group. With ``--cpus 1`` each merge runs
+follows the rows from memory that follows the row group. Row groups are runs of whole
+shards, so row groups smaller than the default shard (28 days, 40,320 rows) need the
+pair written in shorter shards: ``--shard-days 7`` with ``--row-group-rows 10080`` merges
+100,000 rows in ten row groups of a 10,000-row merge's size. With ``--cpus 1`` each merge runs
 on one core (its process pinned with ``sched_setaffinity``), as in the 1 vCPU merge job:
 there the encoders fall further behind reading.
 """
@@ -142,7 +145,8 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
     """Merge ``root``'s extraction of ``pair`` into ``output`` in this process while
     sampling its memory; returns the sample at the RSS peak and the medians over the
     middle 80% of the run (bytes), the stage running at the peak and each stage's peak
-    RSS (``stage``, ``stage_peaks``), the peak's seconds into its stage and that stage's
+    RSS (``stage``, ``stage_peaks``), the file's row groups and footer bytes
+    (``row_groups``, ``footer``), the peak's seconds into its stage and that stage's
     seconds (``peak_at``; None outside the stages), the sample count, and the seconds the column
     batches took and waited for the encoders (``batches``, ``waited``)."""
     import pyarrow as pa
@@ -179,6 +183,10 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
         logging.getLogger("pipelines").removeHandler(stages)
     if code != 0:
         raise SystemExit(f"the merge exited {code}")
+    import pyarrow.parquet as pq
+
+    # Read after the last sample: parsing a footer of many row groups costs memory too.
+    written = pq.read_metadata(output)
     first, last = samples[0]["t"], samples[-1]["t"]
     middle = [s for s in samples if 0.1 <= (s["t"] - first) / max(last - first, 1e-9) <= 0.9] or samples
     peak = max(samples, key=lambda s: s["rss"])
@@ -194,6 +202,7 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
     return {"peak": {f: peak[f] for f in FIELDS}, "stage": peak["stage"], "stage_peaks": stage_peaks,
             "peak_at": at,
             "median": {f: statistics.median(s[f] for s in middle) for f in FIELDS},
+            "row_groups": written.num_row_groups, "footer": written.serialized_size,
             "samples": len(samples), "batches": wait.seconds and wait.seconds[0],
             "waited": wait.seconds and wait.seconds[1]}
 
@@ -212,6 +221,9 @@ def _table(results: dict[tuple[int, str, str], dict]) -> str:
                                    for name, rss in r["stage_peaks"].items())
                 if r.get("peak_at"):
                     stages += " (the peak {:.1f} s into its stage of {:.1f} s)".format(*r["peak_at"])
+                if r.get("row_groups") is not None:
+                    stages += (f"; {r['row_groups']} row group(s), footer "
+                               f"{r['footer'] / 2**20:.1f} MiB")
             lines.append((f"{rows:>8,} {budget:>8} {batch:>8} {which:>6} " + " ".join(
                 f"{r[which][f] / 2**20:>10.0f}" for f in FIELDS)
                 + (f"  {waited:>24}  {stages}" if which == "peak" else "")).rstrip())
@@ -221,6 +233,8 @@ def _table(results: dict[tuple[int, str, str], dict]) -> str:
 def main(argv=None) -> int:
     """Generate (or reuse) the data; sample one merge per row count, each in its own
     process; print the table."""
+    from pipelines.window import DEFAULT_SHARD_DAYS
+
     p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, action="append", help="spine rows (repeatable); default 20000")
@@ -230,6 +244,9 @@ def main(argv=None) -> int:
                    help="the merge's --column-batch-size (repeatable); default the merge's own")
     p.add_argument("--row-group-rows", type=int,
                    help="the merge's --row-group-rows; default the merge's own")
+    p.add_argument("--shard-days", type=int, default=DEFAULT_SHARD_DAYS,
+                   help="days per checkpoint shard of the generated pair (the extraction's "
+                        "--shard-days); default %(default)s")
     p.add_argument("--cpus", type=int,
                    help="run each merge on this many cores (pinned); default all of them")
     p.add_argument("--method", default="polars", choices=("polars", "duckdb"))
@@ -251,6 +268,8 @@ def main(argv=None) -> int:
         p.error(str(exc))
     if args.row_group_rows is not None and args.row_group_rows < 1:
         p.error(f"--row-group-rows must be at least 1, not {args.row_group_rows}")
+    if args.shard_days < 1:
+        p.error(f"--shard-days must be at least 1, not {args.shard_days}")
     cores = sorted(os.sched_getaffinity(0))
     if args.cpus is not None and not 1 <= args.cpus <= len(cores):
         p.error(f"--cpus must be from 1 to the {len(cores)} core(s) this process may use, not {args.cpus}")
@@ -268,11 +287,14 @@ def main(argv=None) -> int:
     results: dict[tuple[int, str, str], dict] = {}
     try:
         for rows in args.rows or [20000]:
-            root = os.path.join(work, f"ck{rows}")
+            # The default shards keep bench.merge's folder name, so either reuses the other's.
+            days = "" if args.shard_days == DEFAULT_SHARD_DAYS else f"-{args.shard_days}d"
+            root = os.path.join(work, f"ck{rows}{days}")
             output = os.path.join(work, f"memory{rows}.parquet")
             if not os.path.isdir(root):
                 from bench.synthetic import make_checkpoints
-                make_checkpoints(root, args.pair, rows, log=lambda *a: None)
+                make_checkpoints(root, args.pair, rows, log=lambda *a: None,
+                                 shard_days=args.shard_days)
             for budget, batch in itertools.product(args.memory_budget or [None],
                                                    args.column_batch_size or [None]):
                 out = subprocess.run([sys.executable, "-m", "bench.memory", "--one", root, output,
@@ -299,6 +321,7 @@ def main(argv=None) -> int:
           f"of the run (file: file-backed pages; arrow: allocated from Arrow's pool; glibc: "
           f"held by malloc; rest: other anonymous memory)"
           + (f"; --row-group-rows {args.row_group_rows}" if args.row_group_rows else "")
+          + (f"; shards of {args.shard_days} days" if args.shard_days != DEFAULT_SHARD_DAYS else "")
           + (f"; on {args.cpus} core(s)" if args.cpus else ""))
     print(_table(results))
     return 0

@@ -27,7 +27,7 @@ from pipelines import checkpoints, storage
 from pipelines.catalog import load_catalog
 from pipelines.extract.plan import discover
 from pipelines.sources import DuckDBSource
-from pipelines.window import UTC, shards, window_from_dates
+from pipelines.window import DEFAULT_SHARD_DAYS, UTC, shards, window_from_dates
 
 START = dt.datetime(2025, 1, 6, tzinfo=UTC)
 MINUTE_US = 60_000_000
@@ -76,12 +76,14 @@ def _column(rng: np.random.Generator, arrow_type: pa.DataType, n: int) -> pa.Arr
     return pa.array(np.array(["lo", "mid", "hi"])[rng.integers(0, 3, n)], pa.string())
 
 
-def make_checkpoints(root: str, pair: str, rows: int, seed: int = 0, log=print) -> checkpoints.Manifest:
-    """Write a committed extraction of ``pair`` with ``rows`` spine rows under ``root``."""
+def make_checkpoints(root: str, pair: str, rows: int, seed: int = 0, log=print,
+                     shard_days: int = DEFAULT_SHARD_DAYS) -> checkpoints.Manifest:
+    """Write a committed extraction of ``pair`` with ``rows`` spine rows under ``root``,
+    in shards of ``shard_days`` days (the extraction's ``--shard-days``)."""
     specs = table_specs(pair)
     days = (rows + 1439) // 1440
     window = window_from_dates(START.date(), (START + dt.timedelta(days=days - 1)).date())
-    parts = shards(window)
+    parts = shards(window, shard_days)
     base = int(START.timestamp() * 1_000_000)
     all_keys = base + np.arange(rows, dtype=np.int64) * MINUTE_US
     rng = np.random.default_rng(seed)
@@ -109,7 +111,8 @@ def make_checkpoints(root: str, pair: str, rows: int, seed: int = 0, log=print) 
         entries.append(entry)
         if n % 100 == 0:
             log(f"  synthetic checkpoints: {n + 1}/{len(specs)} tables")
-    manifest = checkpoints.Manifest(pair, window, "interval_time", root, entries, source="synthetic")
+    manifest = checkpoints.Manifest(pair, window, "interval_time", root, entries, source="synthetic",
+                                     shard_days=shard_days)
     storage.write_bytes(checkpoints.manifest_path(root, pair, window),
                         json.dumps(manifest.to_json(), sort_keys=True).encode())
     storage.write_bytes(checkpoints.success_path(root, pair, window), b"{}")

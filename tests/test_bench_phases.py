@@ -38,8 +38,10 @@ def test_the_memory_benchmark_splits_rss_into_its_parts(extracted, tmp_path):
     if r["stage"] != "outside":  # and the peak is placed in time within its stage
         into, length = r["peak_at"]
         assert 0 <= into <= length
+    assert r["row_groups"] == 1 and r["footer"] > 0
     table = memory._table({(2000, "1.5GiB", "budget's"): r})
     assert f"{r['stage']} {peak['rss'] / 2**20:.0f}*" in table
+    assert f"1 row group(s), footer {r['footer'] / 2**20:.1f} MiB" in table
     assert r["stage"] == "outside" or "s into its stage of" in table
 
 
@@ -56,3 +58,23 @@ def test_the_memory_benchmark_runs_a_merge_on_the_cores_it_is_given(extracted, t
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["cpus"] == 1 and result["batches"] > 0
     assert (tmp_path / "t.parquet").exists()
+
+
+def test_the_memory_benchmark_writes_short_shards_for_small_row_groups(tmp_path, capsys):
+    """bench.memory --shard-days: the pair is generated in shards of that many days, so
+    that --row-group-rows can cut a merge into row groups smaller than a default shard
+    (row groups are runs of whole shards); the table says how many were written."""
+    import json
+
+    from bench import memory
+
+    work = tmp_path / "work"
+    assert memory.main(["--rows", "2000", "--shard-days", "1", "--row-group-rows", "1440",
+                        "--work", str(work), "--keep"]) == 0
+    out = capsys.readouterr().out
+    assert "shards of 1 days" in out and "2 row group(s), footer" in out
+    # Kept under its own name: the default shards' folder (ck2000) is another pair.
+    manifest, = (work / "ck2000-1d" / "pairs" / "eurusd" / "manifests").glob("*.json")
+    data = json.loads(manifest.read_text())
+    assert data["shard_days"] == 1
+    assert [s["rows"] for s in data["tables"][0]["shards"]] == [1440, 560]
