@@ -2,9 +2,9 @@
 
 Times reading ``--columns`` named feature columns (spread evenly over the file, plus the
 key) with pyarrow, Polars and DuckDB, each in a fresh process so that no reader profits
-from another's parsed footer. Prints the footer size and row groups too: with ~17,000
-columns the footer, which every reader parses whole, is what makes a wide file slow to
-open. With ``--polars-size`` it also re-encodes the file's columns with Polars' writer
+from another's parsed footer, and gives each process's peak RSS. Prints the footer size
+and row groups too: with ~17,000 columns the footer, which every reader parses whole, is
+what makes a wide file slow to open, and with many row groups costly to hold. With ``--polars-size`` it also re-encodes the file's columns with Polars' writer
 (its defaults), a batch of columns at a time so that memory stays bounded at any row
 count, and compares the column data: is the file larger than Polars would write the
 same frame? ``bench.merge`` runs this on the merge's output.
@@ -58,18 +58,22 @@ def footer_bytes(path: str) -> int:
 
 
 def measure(path: str, n: int = 50) -> dict:
-    """Footer size, row groups and each reader's seconds (own process each)."""
+    """Footer size, row groups, each reader's seconds and its process's peak RSS in bytes
+    (``peak_rss``; own process each)."""
     import pyarrow.parquet as pq
 
     columns = pick_columns(path, n)
     result = {"footer_bytes": footer_bytes(path), "row_groups": pq.ParquetFile(path).num_row_groups,
-              "columns": len(columns) - 1}
+              "columns": len(columns) - 1, "peak_rss": {}}
     for reader in READERS:
+        # ru_maxrss is in KiB on Linux.
         out = subprocess.run([sys.executable, "-c",
-                              "import sys, json; from bench.read import read_once; "
-                              "print(read_once(sys.argv[1], sys.argv[2], json.loads(sys.argv[3])))",
+                              "import sys, json, resource; from bench.read import read_once; "
+                              "s = read_once(sys.argv[1], sys.argv[2], json.loads(sys.argv[3])); "
+                              "print(json.dumps([s, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))",
                               reader, path, json.dumps(columns)], capture_output=True, text=True)
-        result[reader] = float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+        seconds, rss = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else (None, None)
+        result[reader], result["peak_rss"][reader] = seconds, rss
     return result
 
 
@@ -131,8 +135,10 @@ def describe_size(s: dict) -> str:
 
 def describe(m: dict) -> str:
     """One line of :func:`measure`'s figures."""
-    times = ", ".join(f"{r} {m[r]:.2f} s" if m[r] is not None else f"{r} failed" for r in READERS)
-    return (f"read {m['columns']} named columns: {times} (footer {m['footer_bytes'] / 2**20:.1f} MiB, "
+    rss = m.get("peak_rss", {})
+    times = ", ".join(f"{r} {m[r]:.2f} s" + (f" ({rss[r] / 2**20:.0f} MiB)" if rss.get(r) else "")
+                      if m[r] is not None else f"{r} failed" for r in READERS)
+    return (f"read {m['columns']} named columns (peak RSS): {times} (footer {m['footer_bytes'] / 2**20:.1f} MiB, "
             f"{m['row_groups']} row group(s))")
 
 

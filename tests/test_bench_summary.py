@@ -50,6 +50,27 @@ def test_the_size_comparison_with_polars_is_broken_down_by_column_type(tmp_path)
     assert "by type, ours minus Polars': " in describe_size(s)
 
 
+def test_the_read_benchmark_times_each_reader_and_gives_its_peak_rss(tmp_path):
+    """bench.read: each reader reads the named columns in its own process, and its
+    process's peak RSS is given with its time (a footer of many row groups is costly to
+    hold, not only to parse)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench.read import READERS, describe, measure
+
+    rng = np.random.default_rng(0)
+    table = pa.table({"interval_time": np.arange(4000)} | {f"f{i}": rng.random(4000) for i in range(30)})
+    path = str(tmp_path / "t.parquet")
+    pq.write_table(table, path, row_group_size=1000)
+    m = measure(path, 5)
+    assert m["row_groups"] == 4 and m["columns"] == 5 and m["footer_bytes"] > 0
+    for reader in READERS:
+        assert m[reader] > 0 and m["peak_rss"][reader] > 10 * 2**20
+        assert f"{reader} {m[reader]:.2f} s ({m['peak_rss'][reader] / 2**20:.0f} MiB)" in describe(m)
+
+
 def test_bad_memory_benchmark_options_are_refused_before_any_data_is_made(capsys, tmp_path):
     """bench.memory checks --memory-budget, --row-group-rows, --column-batch-size, --shard-days and --cpus first: generating a
     full-width pair takes minutes, and the merge would refuse them only after that."""
