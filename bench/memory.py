@@ -32,7 +32,7 @@ tells memory that follows the budget from memory that follows the rows; several
 follows the rows from memory that follows the row group. Row groups are runs of whole
 shards, so row groups smaller than the default shard (28 days, 40,320 rows) need the
 pair written in shorter shards: ``--shard-days 7`` with ``--row-group-rows 10080`` merges
-100,000 rows in ten row groups of a 10,000-row merge's size. With ``--cpus 1`` each merge runs
+100,000 rows in eleven row groups of a 10,000-row merge's size or less. With ``--cpus 1`` each merge runs
 on one core (its process pinned with ``sched_setaffinity``), as in the 1 vCPU merge job:
 there the encoders fall further behind reading.
 """

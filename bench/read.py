@@ -4,10 +4,11 @@ Times reading ``--columns`` named feature columns (spread evenly over the file, 
 key) with pyarrow, Polars and DuckDB, each in a fresh process so that no reader profits
 from another's parsed footer, and gives each process's peak RSS. Prints the footer size
 and row groups too: with ~17,000 columns the footer, which every reader parses whole, is
-what makes a wide file slow to open, and with many row groups costly to hold. With ``--polars-size`` it also re-encodes the file's columns with Polars' writer
-(its defaults), a batch of columns at a time so that memory stays bounded at any row
-count, and compares the column data: is the file larger than Polars would write the
-same frame? ``bench.merge`` runs this on the merge's output.
+what makes a wide file slow to open, and with many row groups costly to hold. With
+``--polars-size`` it also re-encodes the file's columns with Polars' writer (its
+defaults), a batch of columns at a time so that memory stays bounded at any row count,
+and compares the column data: is the file larger than Polars would write the same frame?
+``bench.merge`` runs this on the merge's output.
 """
 from __future__ import annotations
 
