@@ -32,7 +32,10 @@ tells memory that follows the budget from memory that follows the rows; several
 follows the rows from memory that follows the row group. Row groups are runs of whole
 shards, so row groups smaller than the default shard (28 days, 40,320 rows) need the
 pair written in shorter shards: ``--shard-days 7`` with ``--row-group-rows 10080`` merges
-100,000 rows in eleven row groups of a 10,000-row merge's size or less. With ``--cpus 1`` each merge runs
+100,000 rows in eleven row groups of a 10,000-row merge's size or less. With ``--tables N``
+the pair has the targets and only the first N feature tables: a narrow pair of many
+rows does less work than a full-width one of fewer rows, which tells memory that follows
+the rows from memory that follows the work done. With ``--cpus 1`` each merge runs
 on one core (its process pinned with ``sched_setaffinity``), as in the 1 vCPU merge job:
 there the encoders fall further behind reading.
 """
@@ -247,6 +250,9 @@ def main(argv=None) -> int:
     p.add_argument("--shard-days", type=int, default=DEFAULT_SHARD_DAYS,
                    help="days per checkpoint shard of the generated pair (the extraction's "
                         "--shard-days); default %(default)s")
+    p.add_argument("--tables", type=int,
+                   help="feature tables of the generated pair (the first N of the catalog's); "
+                        "default all of them")
     p.add_argument("--cpus", type=int,
                    help="run each merge on this many cores (pinned); default all of them")
     p.add_argument("--method", default="polars", choices=("polars", "duckdb"))
@@ -270,6 +276,8 @@ def main(argv=None) -> int:
         p.error(f"--row-group-rows must be at least 1, not {args.row_group_rows}")
     if args.shard_days < 1:
         p.error(f"--shard-days must be at least 1, not {args.shard_days}")
+    if args.tables is not None and args.tables < 1:
+        p.error(f"--tables must be at least 1, not {args.tables}")
     cores = sorted(os.sched_getaffinity(0))
     if args.cpus is not None and not 1 <= args.cpus <= len(cores):
         p.error(f"--cpus must be from 1 to the {len(cores)} core(s) this process may use, not {args.cpus}")
@@ -289,12 +297,13 @@ def main(argv=None) -> int:
         for rows in args.rows or [20000]:
             # The default shards keep bench.merge's folder name, so either reuses the other's.
             days = "" if args.shard_days == DEFAULT_SHARD_DAYS else f"-{args.shard_days}d"
-            root = os.path.join(work, f"ck{rows}{days}")
+            width = "" if args.tables is None else f"-{args.tables}t"
+            root = os.path.join(work, f"ck{rows}{days}{width}")
             output = os.path.join(work, f"memory{rows}.parquet")
             if not os.path.isdir(root):
                 from bench.synthetic import make_checkpoints
                 make_checkpoints(root, args.pair, rows, log=lambda *a: None,
-                                 shard_days=args.shard_days)
+                                 shard_days=args.shard_days, tables=args.tables)
             for budget, batch in itertools.product(args.memory_budget or [None],
                                                    args.column_batch_size or [None]):
                 out = subprocess.run([sys.executable, "-m", "bench.memory", "--one", root, output,
@@ -322,6 +331,7 @@ def main(argv=None) -> int:
           f"held by malloc; rest: other anonymous memory)"
           + (f"; --row-group-rows {args.row_group_rows}" if args.row_group_rows else "")
           + (f"; shards of {args.shard_days} days" if args.shard_days != DEFAULT_SHARD_DAYS else "")
+          + (f"; the targets and {args.tables} feature table(s)" if args.tables is not None else "")
           + (f"; on {args.cpus} core(s)" if args.cpus else ""))
     print(_table(results))
     return 0

@@ -77,10 +77,14 @@ def _column(rng: np.random.Generator, arrow_type: pa.DataType, n: int) -> pa.Arr
 
 
 def make_checkpoints(root: str, pair: str, rows: int, seed: int = 0, log=print,
-                     shard_days: int = DEFAULT_SHARD_DAYS) -> checkpoints.Manifest:
+                     shard_days: int = DEFAULT_SHARD_DAYS,
+                     tables: int | None = None) -> checkpoints.Manifest:
     """Write a committed extraction of ``pair`` with ``rows`` spine rows under ``root``,
-    in shards of ``shard_days`` days (the extraction's ``--shard-days``)."""
+    in shards of ``shard_days`` days (the extraction's ``--shard-days``): the targets and
+    every feature table, or the first ``tables`` of them."""
     specs = table_specs(pair)
+    if tables is not None:
+        specs = specs[:1 + tables]  # the targets come first
     days = (rows + 1439) // 1440
     window = window_from_dates(START.date(), (START + dt.timedelta(days=days - 1)).date())
     parts = shards(window, shard_days)

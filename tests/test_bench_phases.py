@@ -60,21 +60,24 @@ def test_the_memory_benchmark_runs_a_merge_on_the_cores_it_is_given(extracted, t
     assert (tmp_path / "t.parquet").exists()
 
 
-def test_the_memory_benchmark_writes_short_shards_for_small_row_groups(tmp_path, capsys):
+def test_the_memory_benchmark_makes_short_shards_and_narrow_pairs(tmp_path, capsys):
     """bench.memory --shard-days: the pair is generated in shards of that many days, so
     that --row-group-rows can cut a merge into row groups smaller than a default shard
-    (row groups are runs of whole shards); the table says how many were written."""
+    (row groups are runs of whole shards); the table says how many were written.
+    --tables: the pair has the targets and only that many feature tables."""
     import json
 
     from bench import memory
 
     work = tmp_path / "work"
     assert memory.main(["--rows", "2000", "--shard-days", "1", "--row-group-rows", "1440",
-                        "--work", str(work), "--keep"]) == 0
+                        "--tables", "4", "--work", str(work), "--keep"]) == 0
     out = capsys.readouterr().out
     assert "shards of 1 days" in out and "2 row group(s), footer" in out
-    # Kept under its own name: the default shards' folder (ck2000) is another pair.
-    manifest, = (work / "ck2000-1d" / "pairs" / "eurusd" / "manifests").glob("*.json")
+    assert "the targets and 4 feature table(s)" in out
+    # Kept under its own name: the default pair's folder (ck2000) is another pair.
+    manifest, = (work / "ck2000-1d-4t" / "pairs" / "eurusd" / "manifests").glob("*.json")
     data = json.loads(manifest.read_text())
-    assert data["shard_days"] == 1
+    assert data["shard_days"] == 1 and len(data["tables"]) == 5
+    assert data["tables"][0]["group"] == "targets"
     assert [s["rows"] for s in data["tables"][0]["shards"]] == [1440, 560]

@@ -72,7 +72,7 @@ def test_the_read_benchmark_times_each_reader_and_gives_its_peak_rss(tmp_path):
 
 
 def test_bad_memory_benchmark_options_are_refused_before_any_data_is_made(capsys, tmp_path):
-    """bench.memory checks --memory-budget, --row-group-rows, --column-batch-size, --shard-days and --cpus first: generating a
+    """bench.memory checks --memory-budget, --row-group-rows, --column-batch-size, --shard-days, --tables and --cpus first: generating a
     full-width pair takes minutes, and the merge would refuse them only after that."""
     import pytest
 
@@ -87,6 +87,7 @@ def test_bad_memory_benchmark_options_are_refused_before_any_data_is_made(capsys
                           (["--column-batch-size", "0"], "--column-batch-size must be more than 0"),
                           (["--memory-budget", "100MiB"], "is below the merge's fixed overhead"),
                           (["--shard-days", "0"], "--shard-days must be at least 1, not 0"),
+                          (["--tables", "0"], "--tables must be at least 1, not 0"),
                           (["--cpus", "0"], "--cpus must be from 1 to the"),
                           (["--cpus", "100000"], "--cpus must be from 1 to the")):
         with pytest.raises(SystemExit) as exc:
