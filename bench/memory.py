@@ -25,6 +25,10 @@ long the merge's reading and joining waited for its encoders: when that is a lar
 of the merge, the encoders are the slower stage, and the writer's places for pieces are
 full.
 
+Its heading names Arrow's memory pool and every allocator setting in the environment
+(``JE_ARROW_MALLOC_CONF``, ``MALLOC_MMAP_THRESHOLD_`` and the like: BENCHMARKS.md, "The
+rows' share of the growth depends on the allocator"), since each changes the figures.
+
 With several ``--memory-budget`` values each row count is merged once per budget, which
 tells memory that follows the budget from memory that follows the rows; several
 ``--column-batch-size`` values merge it once per largest column batch (and budget); with
@@ -133,6 +137,20 @@ class _Stages(logging.Handler):
         return running[0] if running else "outside"
 
 
+# Environment variables that change how the measured process allocates: each is read
+# once, when the allocator loads, so a run is only comparable with runs that had the same.
+ALLOCATOR_VARIABLES = ("ARROW_DEFAULT_MEMORY_POOL", "JE_ARROW_MALLOC_CONF", "_RJEM_MALLOC_CONF",
+                       "MIMALLOC_", "MALLOC_", "GLIBC_TUNABLES")
+
+
+def allocator_settings(environ) -> str:
+    """The allocator settings among ``environ``'s variables, as ``NAME=value`` pairs in
+    name order ("none" when there are none), for the table's heading."""
+    found = sorted(f"{k}={v}" for k, v in environ.items()
+                   if k.startswith(ALLOCATOR_VARIABLES))
+    return " ".join(found) or "none"
+
+
 def _merge_options(memory_budget: str | None, row_group_rows: int | None,
                    column_batch_size: str | None = None) -> list[str]:
     """The merge's options for a budget, row-group rows and largest column batch (None:
@@ -149,7 +167,7 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
     sampling its memory; returns the sample at the RSS peak and the medians over the
     middle 80% of the run (bytes), the stage running at the peak and each stage's peak
     RSS (``stage``, ``stage_peaks``), the file's row groups and footer bytes
-    (``row_groups``, ``footer``), the peak's seconds into its stage and that stage's
+    (``row_groups``, ``footer``), Arrow's memory pool (``pool``), the peak's seconds into its stage and that stage's
     seconds (``peak_at``; None outside the stages), the sample count, and the seconds the column
     batches took and waited for the encoders (``batches``, ``waited``)."""
     import pyarrow as pa
@@ -186,6 +204,7 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
         logging.getLogger("pipelines").removeHandler(stages)
     if code != 0:
         raise SystemExit(f"the merge exited {code}")
+    pool = pa.default_memory_pool().backend_name  # the merge chose it (job.use_jemalloc)
     import pyarrow.parquet as pq
 
     # Read after the last sample: parsing a footer of many row groups costs memory too.
@@ -206,6 +225,7 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
             "peak_at": at,
             "median": {f: statistics.median(s[f] for s in middle) for f in FIELDS},
             "row_groups": written.num_row_groups, "footer": written.serialized_size,
+            "pool": pool,
             "samples": len(samples), "batches": wait.seconds and wait.seconds[0],
             "waited": wait.seconds and wait.seconds[1]}
 
@@ -333,6 +353,8 @@ def main(argv=None) -> int:
           + (f"; shards of {args.shard_days} days" if args.shard_days != DEFAULT_SHARD_DAYS else "")
           + (f"; the targets and {args.tables} feature table(s)" if args.tables is not None else "")
           + (f"; on {args.cpus} core(s)" if args.cpus else ""))
+    pools = sorted({r.get("pool", "?") for r in results.values()})
+    print(f"Arrow's pool: {', '.join(pools)}; allocator settings: {allocator_settings(os.environ)}")
     print(_table(results))
     return 0
 

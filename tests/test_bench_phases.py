@@ -39,6 +39,7 @@ def test_the_memory_benchmark_splits_rss_into_its_parts(extracted, tmp_path):
         into, length = r["peak_at"]
         assert 0 <= into <= length
     assert r["row_groups"] == 1 and r["footer"] > 0
+    assert r["pool"] in ("jemalloc", "mimalloc", "system")
     table = memory._table({(2000, "1.5GiB", "budget's"): r})
     assert f"{r['stage']} {peak['rss'] / 2**20:.0f}*" in table
     assert f"1 row group(s), footer {r['footer'] / 2**20:.1f} MiB" in table
@@ -75,9 +76,24 @@ def test_the_memory_benchmark_makes_short_shards_and_narrow_pairs(tmp_path, caps
     out = capsys.readouterr().out
     assert "shards of 1 days" in out and "2 row group(s), footer" in out
     assert "the targets and 4 feature table(s)" in out
+    assert "Arrow's pool: " in out and "; allocator settings: " in out
     # Kept under its own name: the default pair's folder (ck2000) is another pair.
     manifest, = (work / "ck2000-1d-4t" / "pairs" / "eurusd" / "manifests").glob("*.json")
     data = json.loads(manifest.read_text())
     assert data["shard_days"] == 1 and len(data["tables"]) == 5
     assert data["tables"][0]["group"] == "targets"
     assert [s["rows"] for s in data["tables"][0]["shards"]] == [1440, 560]
+
+
+def test_the_memory_benchmark_names_the_allocator_settings_it_ran_with():
+    """bench.memory's heading names every environment variable that changes how the
+    measured process allocates (they are read once, when the allocator loads), so that
+    runs with different settings are not compared as one."""
+    from bench.memory import allocator_settings
+
+    assert allocator_settings({"PATH": "/bin", "HOME": "/root"}) == "none"
+    assert allocator_settings({"PATH": "/bin", "MALLOC_MMAP_THRESHOLD_": "65536",
+                               "ARROW_DEFAULT_MEMORY_POOL": "system",
+                               "JE_ARROW_MALLOC_CONF": "oversize_threshold:262144"}) == (
+        "ARROW_DEFAULT_MEMORY_POOL=system JE_ARROW_MALLOC_CONF=oversize_threshold:262144 "
+        "MALLOC_MMAP_THRESHOLD_=65536")
