@@ -322,8 +322,11 @@ def main(argv=None) -> int:
             output = os.path.join(work, f"memory{rows}.parquet")
             if not os.path.isdir(root):
                 from bench.synthetic import make_checkpoints
-                make_checkpoints(root, args.pair, rows, log=lambda *a: None,
-                                 shard_days=args.shard_days, tables=args.tables)
+                try:
+                    make_checkpoints(root, args.pair, rows, log=lambda *a: None,
+                                     shard_days=args.shard_days, tables=args.tables)
+                except PipelineError as exc:  # raised before anything is written
+                    p.error(str(exc))
             for budget, batch in itertools.product(args.memory_budget or [None],
                                                    args.column_batch_size or [None]):
                 out = subprocess.run([sys.executable, "-m", "bench.memory", "--one", root, output,

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from pipelines import checkpoints, storage
 from pipelines.catalog import load_catalog
+from pipelines.errors import PipelineError
 from pipelines.extract.plan import discover
 from pipelines.sources import DuckDBSource
 from pipelines.window import DEFAULT_SHARD_DAYS, UTC, shards, window_from_dates
@@ -81,9 +82,12 @@ def make_checkpoints(root: str, pair: str, rows: int, seed: int = 0, log=print,
                      tables: int | None = None) -> checkpoints.Manifest:
     """Write a committed extraction of ``pair`` with ``rows`` spine rows under ``root``,
     in shards of ``shard_days`` days (the extraction's ``--shard-days``): the targets and
-    every feature table, or the first ``tables`` of them."""
+    every feature table, or the first ``tables`` of them (PipelineError, before anything
+    is written, when the pair has fewer)."""
     specs = table_specs(pair)
     if tables is not None:
+        if not 0 <= tables <= len(specs) - 1:
+            raise PipelineError(f"--tables {tables}: {pair} has {len(specs) - 1} feature tables")
         specs = specs[:1 + tables]  # the targets come first
     days = (rows + 1439) // 1440
     window = window_from_dates(START.date(), (START + dt.timedelta(days=days - 1)).date())

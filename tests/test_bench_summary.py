@@ -88,6 +88,8 @@ def test_bad_memory_benchmark_options_are_refused_before_any_data_is_made(capsys
                           (["--memory-budget", "100MiB"], "is below the merge's fixed overhead"),
                           (["--shard-days", "0"], "--shard-days must be at least 1, not 0"),
                           (["--tables", "0"], "--tables must be at least 1, not 0"),
+                          # Known only from the catalog, but still before anything is written.
+                          (["--tables", "100000"], "--tables 100000: eurusd has 667 feature tables"),
                           (["--cpus", "0"], "--cpus must be from 1 to the"),
                           (["--cpus", "100000"], "--cpus must be from 1 to the")):
         with pytest.raises(SystemExit) as exc:

@@ -207,10 +207,9 @@ def test_row_group_rows_shapes_the_file_not_its_content(extracted, tmp_path):
         if name == "below_a_shard":
             meta = outputs[name].metadata
             largest = max(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-            expected = budget.validation_columns(largest, budget.batch_bytes(
-                budget.parse_size(budget.DEFAULT_BUDGET)))
-            assert expected < budget.validation_columns(1, budget.batch_bytes(
-                budget.parse_size(budget.DEFAULT_BUDGET)))
+            batch = budget.batch_bytes(budget.parse_size(budget.DEFAULT_BUDGET))
+            expected = budget.validation_columns(largest, batch)
+            assert expected < budget.validation_columns(1, batch)
             assert re.search(rf"\[validate\] done .*columns_per_read={expected}\b", proc.stderr), proc.stderr
     assert outputs["one"].num_row_groups == 1
     assert outputs["daily"].num_row_groups == outputs["below_a_shard"].num_row_groups == 2
