@@ -9,7 +9,9 @@ records the wall time and the peak RSS the operating system measured for that pr
 ``--cap-rss``. Prints a table per size with ratios to the floor, and with ``--report``
 writes a Markdown report (plus a PNG chart next to it when matplotlib is installed).
 Data goes under ``--work`` (default a temporary folder), removed afterwards unless
-``--keep``.
+``--keep``. ``--method-env NAME=VALUE`` sets a variable for the project's methods only,
+so that a setting read at start-up (an allocator's, say) is measured against the floor
+of the same run, which keeps the machine's defaults.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -67,14 +70,16 @@ def run_measured(cmd: list[str], cap_seconds: float, cap_rss: int) -> dict:
             "error": "" if proc.returncode == 0 or killed else (errors or lines or [""])[-1][:200]}
 
 
-def run_isolated(cmd: list[str], cap_seconds: float, cap_rss: int) -> dict:
+def run_isolated(cmd: list[str], cap_seconds: float, cap_rss: int,
+                 env: dict[str, str] | None = None) -> dict:
     """:func:`run_measured` in a fresh process of its own, so that the peak RSS it reads
-    (getrusage of its children) is ``cmd``'s alone."""
+    (getrusage of its children) is ``cmd``'s alone; ``env`` (default this process's
+    environment) is ``cmd``'s environment."""
     probe = [sys.executable, "-c",
              "import sys, json; from bench.merge import run_measured; "
              "print(json.dumps(run_measured(json.loads(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]))))",
              json.dumps(cmd), str(cap_seconds), str(cap_rss)]
-    out = subprocess.run(probe, capture_output=True, text=True)
+    out = subprocess.run(probe, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         return {"code": out.returncode, "wall": 0.0, "cpu": 0.0, "rss": 0, "killed": None,
                 "error": out.stderr[-500:]}
@@ -104,12 +109,19 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="folder for the data (default: a temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the generated data")
     p.add_argument("--report", default=None, help="write a Markdown report here (and a PNG beside it)")
+    p.add_argument("--method-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment setting of the project's methods only, not of the "
+                        "anchors (repeatable): an allocator setting, say, against the same floor")
     p.add_argument("--repeat", type=int, default=1,
                    help="runs of each method and anchor per size, taken in turns; the "
                         "median wall and CPU time are reported, with the range")
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
+    for setting in args.method_env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", setting):
+            p.error(f"--method-env {setting!r}: not NAME=VALUE")
+    args.method_env = dict(setting.split("=", 1) for setting in args.method_env)
     from pipelines.merge.budget import parse_size
 
     cap_rss = parse_size(args.cap_rss)
@@ -171,7 +183,8 @@ def _trial(run: str, rows: int, root: str, work: str, args, cap_rss: int,
     out = os.path.join(work, f"out{rows}_{run}.parquet")
     # The cap stops anchors that never finish; the project's methods must.
     cap = args.cap_seconds if run in ANCHORS else max(args.cap_seconds, 7200)
-    r = run_isolated(command_for(run, root, args.pair, out, args.memory_budget), cap, cap_rss)
+    env = dict(os.environ, **args.method_env) if run in METHODS and args.method_env else None
+    r = run_isolated(command_for(run, root, args.pair, out, args.memory_budget), cap, cap_rss, env)
     r.update(rows=rows, run=run, file=os.path.getsize(out) if os.path.exists(out) else None)
     if measure_output and run in METHODS and r["code"] == 0:
         from bench.read import measure, polars_size

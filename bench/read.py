@@ -58,6 +58,19 @@ def footer_bytes(path: str) -> int:
         return struct.unpack("<I", fh.read(4))[0]
 
 
+def own_peak_rss() -> int:
+    """This process's peak RSS in bytes since it started its program (VmHWM).
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries a forked child's starting RSS, which
+    is its parent's, into it across exec, so a reader started by a large process (such as
+    ``bench.merge`` after generating its data) would report the parent's size."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM")
+
+
 def measure(path: str, n: int = 50) -> dict:
     """Footer size, row groups, each reader's seconds and its process's peak RSS in bytes
     (``peak_rss``; own process each)."""
@@ -67,11 +80,10 @@ def measure(path: str, n: int = 50) -> dict:
     result = {"footer_bytes": footer_bytes(path), "row_groups": pq.ParquetFile(path).num_row_groups,
               "columns": len(columns) - 1, "peak_rss": {}}
     for reader in READERS:
-        # ru_maxrss is in KiB on Linux.
         out = subprocess.run([sys.executable, "-c",
-                              "import sys, json, resource; from bench.read import read_once; "
+                              "import sys, json; from bench.read import read_once, own_peak_rss; "
                               "s = read_once(sys.argv[1], sys.argv[2], json.loads(sys.argv[3])); "
-                              "print(json.dumps([s, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))",
+                              "print(json.dumps([s, own_peak_rss()]))",
                               reader, path, json.dumps(columns)], capture_output=True, text=True)
         seconds, rss = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else (None, None)
         result[reader], result["peak_rss"][reader] = seconds, rss
