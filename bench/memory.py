@@ -23,7 +23,9 @@ was taken), the peak's own marked with how many seconds into that stage it fell,
 a peak is put in its stage and told apart as a start-up one or a steady one. It also prints how
 long the merge's reading and joining waited for its encoders: when that is a large share
 of the merge, the encoders are the slower stage, and the writer's places for pieces are
-full.
+full. And it prints the merge's CPU time (user and system) and page faults: an allocator
+that hands freed memory back to the operating system at once keeps RSS low, and pays
+for it in faults, each a page the kernel maps in and zeroes (system time).
 
 Its heading names Arrow's memory pool and every allocator setting in the environment
 (``JE_ARROW_MALLOC_CONF``, ``MALLOC_MMAP_THRESHOLD_`` and the like: BENCHMARKS.md, "The
@@ -52,6 +54,7 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -169,7 +172,9 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
     RSS (``stage``, ``stage_peaks``), the file's row groups and footer bytes
     (``row_groups``, ``footer``), Arrow's memory pool (``pool``), the peak's seconds into its stage and that stage's
     seconds (``peak_at``; None outside the stages), the sample count, and the seconds the column
-    batches took and waited for the encoders (``batches``, ``waited``)."""
+    batches took and waited for the encoders (``batches``, ``waited``), and the merge's
+    user and system CPU seconds (``cpu``) and page faults (``faults``: minor ones, each a
+    page the kernel mapped in and zeroed)."""
     import pyarrow as pa
 
     from pipelines.merge import job
@@ -193,11 +198,13 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
     job.log.addHandler(wait)
     logging.getLogger("pipelines").addHandler(stages)
     sampler.start()
+    before = resource.getrusage(resource.RUSAGE_SELF)
     try:
         code = job.run(["--pair", pair, "--method", method, "--checkpoint-root", root,
                         "--output", output, "--overwrite"]
                        + _merge_options(memory_budget, row_group_rows, column_batch_size))
     finally:
+        after = resource.getrusage(resource.RUSAGE_SELF)
         stop.set()
         sampler.join()
         job.log.removeHandler(wait)
@@ -220,12 +227,19 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
     at = None
     if peak["stage"] in stages.started:
         start = stages.started[peak["stage"]]
-        at = (peak["t"] - start, stages.ended.get(peak["stage"], last) - start)
+        length = stages.ended.get(peak["stage"], last) - start
+        # A sample's clock and its stage are read one after the other, so a stage that
+        # starts (or ends) between the two puts it a few ms outside: clamped.
+        at = (min(max(peak["t"] - start, 0.0), length), length)
     return {"peak": {f: peak[f] for f in FIELDS}, "stage": peak["stage"], "stage_peaks": stage_peaks,
             "peak_at": at,
             "median": {f: statistics.median(s[f] for s in middle) for f in FIELDS},
             "row_groups": written.num_row_groups, "footer": written.serialized_size,
             "pool": pool,
+            # Every page of a new mapping is a fault the kernel must serve (and zero):
+            # what returning freed memory to the operating system costs in time.
+            "cpu": (after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime),
+            "faults": after.ru_minflt - before.ru_minflt,
             "samples": len(samples), "batches": wait.seconds and wait.seconds[0],
             "waited": wait.seconds and wait.seconds[1]}
 
@@ -233,15 +247,18 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
 def _table(results: dict[tuple[int, str, str], dict]) -> str:
     lines = [f"{'rows':>8} {'budget':>8} {'batch':>8} {'':>6} "
              + " ".join(f"{f + ' MiB':>10}" for f in FIELDS)
-             + "  waited for the encoders  peak RSS MiB by stage (* the peak's)"]
+             + "  waited for the encoders  the merge's CPU and page faults; peak RSS MiB by stage (* the peak's)"]
     for (rows, budget, batch), r in results.items():
         for which in ("peak", "median"):
             waited = stages = ""
             if which == "peak" and r.get("waited") is not None:
                 waited = f"{r['waited']:.1f} of {r['batches']:.1f} s"
+            if which == "peak" and r.get("cpu"):
+                stages = (f"CPU {r['cpu'][0]:.1f} user + {r['cpu'][1]:.1f} system s, "
+                          f"{r['faults'] / 1e6:.2f}M page faults; ")
             if which == "peak" and r.get("stage_peaks"):
-                stages = ", ".join(f"{name} {rss / 2**20:.0f}{'*' if name == r['stage'] else ''}"
-                                   for name, rss in r["stage_peaks"].items())
+                stages += ", ".join(f"{name} {rss / 2**20:.0f}{'*' if name == r['stage'] else ''}"
+                                    for name, rss in r["stage_peaks"].items())
                 if r.get("peak_at"):
                     stages += " (the peak {:.1f} s into its stage of {:.1f} s)".format(*r["peak_at"])
                 if r.get("row_groups") is not None:

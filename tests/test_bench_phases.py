@@ -40,7 +40,10 @@ def test_the_memory_benchmark_splits_rss_into_its_parts(extracted, tmp_path):
         assert 0 <= into <= length
     assert r["row_groups"] == 1 and r["footer"] > 0
     assert r["pool"] in ("jemalloc", "mimalloc", "system")
+    user, system = r["cpu"]
+    assert user > 0 and system >= 0 and r["faults"] > 0
     table = memory._table({(2000, "1.5GiB", "budget's"): r})
+    assert f"CPU {user:.1f} user + {system:.1f} system s, {r['faults'] / 1e6:.2f}M page faults; " in table
     assert f"{r['stage']} {peak['rss'] / 2**20:.0f}*" in table
     assert f"1 row group(s), footer {r['footer'] / 2**20:.1f} MiB" in table
     assert r["stage"] == "outside" or "s into its stage of" in table

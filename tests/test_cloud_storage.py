@@ -278,3 +278,15 @@ def test_the_first_slice_of_a_bucket_shard_checks_the_stored_crc32c_and_download
     with pytest.raises(PipelineError, match=r"checkpoint gs://.*20250106T0000-20250107T0000\.parquet "
                                             r"(is corrupt: CRC32C|has \d+ bytes)"):
         replaced.read_shards(0, 1, range(0, 10))
+
+
+def test_a_local_file_checksum_covers_every_chunk_it_is_read_in(tmp_path, monkeypatch):
+    """A local file's CRC32C, read in chunks into one reused buffer, is the CRC32C of all
+    its bytes, also when its size is not a multiple of the chunk."""
+    data = os.urandom(10_000)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    monkeypatch.setattr(storage, "_CHUNK", 4096)  # three reads, the last a short one
+    assert storage.crc32c(str(path)) == storage.bytes_crc32c(data)
+    path.write_bytes(b"")
+    assert storage.crc32c(str(path)) == storage.bytes_crc32c(b"")
