@@ -144,9 +144,12 @@ class Source(Protocol):
 
 class DuckDBSource:
     """A DuckDB file laid out like the BigQuery datasets (one schema per dataset), read
-    with at most ``memory_limit`` of DuckDB's memory (DuckDB's syntax, e.g. ``2GB``)."""
+    with at most ``memory_limit`` of DuckDB's memory (DuckDB's syntax, e.g. ``2GB``).
+    A query that needs more spills to ``temp_directory`` (DuckDB's default: the file's
+    path plus ``.tmp``), which must then be a folder DuckDB can create and write."""
 
-    def __init__(self, path: str, memory_limit: str = DUCKDB_MEMORY_LIMIT):
+    def __init__(self, path: str, memory_limit: str = DUCKDB_MEMORY_LIMIT,
+                 temp_directory: str | None = None):
         import duckdb
 
         self.path = path
@@ -162,6 +165,10 @@ class DuckDBSource:
         try:
             con = duckdb.connect(path, read_only=True)
             con.execute(f"SET memory_limit = '{self.memory_limit}'")
+            if temp_directory is not None:
+                con.execute("SET temp_directory = ?", [temp_directory])
+            self.temp_directory = con.execute(
+                "SELECT current_setting('temp_directory')").fetchone()[0]
         except duckdb.Error as exc:
             # A size DuckDB refuses (too large) leaves the file open read-only: closed, so
             # that the process can open it otherwise.
@@ -217,6 +224,16 @@ class DuckDBSource:
                 f"source {self.url}: a query needed more than DuckDB's memory limit "
                 f"({self.memory_limit}); raise it with --source "
                 f"'duckdb://{self.path}?memory_limit=SIZE', SIZE above {self.memory_limit}") from None
+        except duckdb.IOException as exc:
+            # DuckDB names its spill folder in the error; any other I/O error is not ours
+            # to explain.
+            if not self.temp_directory or self.temp_directory not in str(exc):
+                raise
+            raise PipelineError(
+                f"source {self.url}: a query needed more than DuckDB's memory limit "
+                f"({self.memory_limit}) and could not spill to {self.temp_directory} "
+                f"({first_line(exc)}); give it a writable folder with --source "
+                f"'duckdb://{self.path}?temp_directory=DIR', or raise memory_limit") from None
         finally:
             cur.close()
 
@@ -464,12 +481,14 @@ def _url_parameters(url: str, query: str, known: tuple[str, ...]) -> dict[str, s
 
 
 def open_source(url: str) -> Source:
-    """Open a source from its URL: ``duckdb:///path/file.duckdb[?memory_limit=2GB]`` (or
-    a plain path) or ``bigquery://PROJECT[?scratch_dataset=DATASET&location=LOCATION]``."""
+    """Open a source from its URL:
+    ``duckdb:///path/file.duckdb[?memory_limit=2GB&temp_directory=DIR]`` (or a plain path)
+    or ``bigquery://PROJECT[?scratch_dataset=DATASET&location=LOCATION]``."""
     if url.startswith("duckdb://"):
         path, _, query = url[len("duckdb://"):].partition("?")
-        params = _url_parameters(url, query, ("memory_limit",))
-        return DuckDBSource(path, memory_limit=params.get("memory_limit", DUCKDB_MEMORY_LIMIT))
+        params = _url_parameters(url, query, ("memory_limit", "temp_directory"))
+        return DuckDBSource(path, memory_limit=params.get("memory_limit", DUCKDB_MEMORY_LIMIT),
+                            temp_directory=params.get("temp_directory"))
     if url.startswith("bigquery://"):
         from urllib.parse import urlsplit
 

@@ -152,6 +152,37 @@ def test_a_warehouse_is_read_within_duckdbs_memory_limit(tiny_warehouse):
     del refused
 
 
+def test_a_query_that_cannot_spill_names_the_folder_and_how_to_choose_another(tmp_path):
+    """Over DuckDB's memory limit a query spills to the warehouse's path plus ``.tmp``.
+    When DuckDB cannot make that folder (a file stands in its way here, as a read-only
+    folder would for any user but root), one line names it and the URL parameter that
+    moves it; with ``?temp_directory=DIR`` the same query runs."""
+    import contextlib
+    import re
+
+    import duckdb
+
+    from pipelines.sources import open_source
+
+    path = tmp_path / "w.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE SCHEMA d; CREATE TABLE d.t AS SELECT range AS a, random() AS b FROM range(3000000)")
+    con.close()
+    blocked = tmp_path / "w.duckdb.tmp"
+    blocked.write_text("not a folder")
+    sql = "SELECT a, b FROM d.t ORDER BY b"
+    with contextlib.closing(open_source(f"duckdb://{path}?memory_limit=30MB")) as source:
+        with pytest.raises(PipelineError, match=(
+                rf"memory limit \(30MB\) and could not spill to {re.escape(str(blocked))} "
+                rf"\(IO Error: .*\); give it a writable folder with --source "
+                rf"'duckdb://{re.escape(str(path))}\?temp_directory=DIR', or raise memory_limit")):
+            source.query_arrow(sql)
+    spill = tmp_path / "spill"
+    with contextlib.closing(open_source(f"duckdb://{path}?memory_limit=30MB&temp_directory={spill}")) as source:
+        assert source.temp_directory == str(spill)
+        assert source.query_arrow(sql).num_rows == 3_000_000
+
+
 def test_a_shard_over_the_memory_limit_fails_saying_how_to_raise_it(tiny_warehouse, tmp_path, caplog):
     from pipelines.extract.batches import TaskBatch
 
