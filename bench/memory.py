@@ -298,6 +298,9 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the generated data")
     p.add_argument("--one", nargs=2, metavar=("ROOT", "OUTPUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    # Read before anything imports Polars, which puts its own _RJEM_MALLOC_CONF in the
+    # environment: the heading names the settings the user gave.
+    settings = allocator_settings(os.environ)
     from pipelines.errors import PipelineError
     from pipelines.merge.budget import DEFAULT_BUDGET, batch_bytes, parse_size
 
@@ -374,7 +377,7 @@ def main(argv=None) -> int:
           + (f"; the targets and {args.tables} feature table(s)" if args.tables is not None else "")
           + (f"; on {args.cpus} core(s)" if args.cpus else ""))
     pools = sorted({r.get("pool", "?") for r in results.values()})
-    print(f"Arrow's pool: {', '.join(pools)}; allocator settings: {allocator_settings(os.environ)}")
+    print(f"Arrow's pool: {', '.join(pools)}; allocator settings: {settings}")
     print(_table(results))
     return 0
 

@@ -95,6 +95,21 @@ def command_for(run: str, root: str, pair: str, out: str, budget: str | None) ->
     return [sys.executable, "-m", "bench.anchors", run, root, pair, out]
 
 
+def describe_machine(method_env: dict[str, str]) -> str:
+    """The machine, its load, and the allocator settings of every run and of the
+    methods' runs (``method_env``): they change every figure and are read once per
+    process, so runs under different ones must not be compared as one. Called before
+    anything imports Polars, which puts its own ``_RJEM_MALLOC_CONF`` in the
+    environment."""
+    from bench.memory import allocator_settings
+
+    return (f"{platform.platform()}, {os.cpu_count()} cores, {_memory()} RAM, Python "
+            f"{platform.python_version()}; load average at start {os.getloadavg()[0]:.1f} "
+            "(above 0.5 means other jobs shared the cores and times are upper bounds); "
+            f"allocator settings of every run: {allocator_settings(os.environ)}"
+            + (f", and of the methods': {allocator_settings(method_env)}" if method_env else ""))
+
+
 def main(argv=None) -> int:
     """Run the benchmark; print the figures; optionally write the report."""
     p = argparse.ArgumentParser(prog="python -m bench.merge", description=__doc__,
@@ -132,9 +147,7 @@ def main(argv=None) -> int:
         p.error(f"unknown runs: {', '.join(sorted(unknown))}")
     work = args.work or tempfile.mkdtemp(prefix="bqx-bench-")
     command = "python -m bench.merge " + " ".join(sys.argv[1:] if argv is None else argv)
-    machine = (f"{platform.platform()}, {os.cpu_count()} cores, {_memory()} RAM, Python "
-               f"{platform.python_version()}; load average at start {os.getloadavg()[0]:.1f} "
-               "(above 0.5 means other jobs shared the cores and times are upper bounds)")
+    machine = describe_machine(args.method_env)
     print(f"machine: {machine}\ncommand: {command}", flush=True)
     results = []
     try:

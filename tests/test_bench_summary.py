@@ -117,3 +117,20 @@ def test_method_env_reaches_the_methods_processes_only(capsys):
     with pytest.raises(SystemExit) as exc:
         merge.main(["--method-env", "NOEQUALS", "--rows", "10"])
     assert exc.value.code == 2 and "--method-env 'NOEQUALS': not NAME=VALUE" in capsys.readouterr().err
+
+
+def test_the_merge_benchmark_names_the_allocator_settings_of_its_runs(monkeypatch):
+    """bench.merge's heading names the allocator settings every run inherits and those
+    --method-env gives the methods alone."""
+    import os
+
+    from bench import memory, merge
+
+    for name in list(os.environ):  # importing Polars sets _RJEM_MALLOC_CONF, for one
+        if name.startswith(memory.ALLOCATOR_VARIABLES):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    line = merge.describe_machine({"ARROW_DEFAULT_MEMORY_POOL": "system"})
+    assert line.endswith("allocator settings of every run: MALLOC_ARENA_MAX=2, and of the "
+                         "methods': ARROW_DEFAULT_MEMORY_POOL=system")
+    assert "cores" in merge.describe_machine({})
