@@ -33,14 +33,12 @@ ANCHORS = ("floor", "polars_eager", "polars_lazy", "duckdb_one_plan")
 
 
 def _rss(pid: int) -> int:
+    from bench.memory import status_bytes
+
     try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+        return status_bytes(("VmRSS",), pid).get("VmRSS", 0)
+    except OSError:  # the process has just ended
+        return 0
 
 
 def run_measured(cmd: list[str], cap_seconds: float, cap_rss: int) -> dict:
@@ -93,6 +91,12 @@ def command_for(run: str, root: str, pair: str, out: str, budget: str | None) ->
                "--checkpoint-root", root, "--output", out, "--overwrite"]
         return cmd + (["--memory-budget", budget] if budget else [])
     return [sys.executable, "-m", "bench.anchors", run, root, pair, out]
+
+
+def run_environment(run: str, method_env: dict[str, str]) -> dict[str, str] | None:
+    """The environment of ``run``'s process: this one's, with ``method_env`` on top for
+    the project's methods (None: this process's own, as the anchors always get)."""
+    return dict(os.environ, **method_env) if run in METHODS and method_env else None
 
 
 def describe_machine(method_env: dict[str, str]) -> str:
@@ -196,8 +200,8 @@ def _trial(run: str, rows: int, root: str, work: str, args, cap_rss: int,
     out = os.path.join(work, f"out{rows}_{run}.parquet")
     # The cap stops anchors that never finish; the project's methods must.
     cap = args.cap_seconds if run in ANCHORS else max(args.cap_seconds, 7200)
-    env = dict(os.environ, **args.method_env) if run in METHODS and args.method_env else None
-    r = run_isolated(command_for(run, root, args.pair, out, args.memory_budget), cap, cap_rss, env)
+    r = run_isolated(command_for(run, root, args.pair, out, args.memory_budget), cap, cap_rss,
+                     run_environment(run, args.method_env))
     r.update(rows=rows, run=run, file=os.path.getsize(out) if os.path.exists(out) else None)
     if measure_output and run in METHODS and r["code"] == 0:
         from bench.read import measure, polars_size

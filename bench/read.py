@@ -64,11 +64,9 @@ def own_peak_rss() -> int:
     Not ``getrusage``'s ``ru_maxrss``: Linux carries a forked child's starting RSS, which
     is its parent's, into it across exec, so a reader started by a large process (such as
     ``bench.merge`` after generating its data) would report the parent's size."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmHWM")
+    from bench.memory import status_bytes
+
+    return status_bytes(("VmHWM",))["VmHWM"]
 
 
 def measure(path: str, n: int = 50) -> dict:

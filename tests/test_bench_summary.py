@@ -105,6 +105,7 @@ def test_method_env_reaches_the_methods_processes_only(capsys):
     """bench.merge --method-env NAME=VALUE: the measured command gets the setting (the
     anchors do not: they run with env None, this process's environment); a malformed
     setting is refused before anything runs."""
+    import os
     import sys
 
     import pytest
@@ -114,6 +115,11 @@ def test_method_env_reaches_the_methods_processes_only(capsys):
     check = [sys.executable, "-c", "import os, sys; sys.exit(0 if os.environ.get('BQX_PROBE') == '1' else 3)"]
     assert merge.run_isolated(check, 60, 1 << 30, env={"BQX_PROBE": "1"})["code"] == 0
     assert merge.run_isolated(check, 60, 1 << 30)["code"] == 3
+    setting = {"BQX_PROBE": "1"}
+    assert merge.run_environment("polars", setting)["BQX_PROBE"] == "1"
+    assert merge.run_environment("polars", setting)["PATH"] == os.environ["PATH"]
+    assert merge.run_environment("floor", setting) is None
+    assert merge.run_environment("polars", {}) is None
     with pytest.raises(SystemExit) as exc:
         merge.main(["--method-env", "NOEQUALS", "--rows", "10"])
     assert exc.value.code == 2 and "--method-env 'NOEQUALS': not NAME=VALUE" in capsys.readouterr().err

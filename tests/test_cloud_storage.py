@@ -281,8 +281,8 @@ def test_the_first_slice_of_a_bucket_shard_checks_the_stored_crc32c_and_download
 
 
 def test_a_local_file_checksum_covers_every_chunk_it_is_read_in(tmp_path, monkeypatch):
-    """A local file's CRC32C, read in chunks into one reused buffer, is the CRC32C of all
-    its bytes, also when its size is not a multiple of the chunk."""
+    """A local file's CRC32C, read in chunks, is the CRC32C of all its bytes, also when
+    its size is not a multiple of the chunk, and of an empty file."""
     data = os.urandom(10_000)
     path = tmp_path / "f.bin"
     path.write_bytes(data)
