@@ -10,7 +10,8 @@ timing of :func:`pipelines.storage.retry_timing` (``BQX_RETRY_SECONDS``): REST c
 :func:`bigquery_retry`, failed query jobs re-run with :func:`bigquery_job_retry`, Storage
 Read API calls with :func:`read_api_retry`. Permanent errors are not retried. Each REST
 request that goes unanswered for :func:`bigquery_timeout` seconds is abandoned and sent
-again, also while a job is awaited (:func:`wait_for_job`).
+again, also while a job is awaited (:func:`wait_for_job`), and so is a Storage Read API
+call (:func:`read_stream`).
 """
 from __future__ import annotations
 
@@ -116,6 +117,38 @@ def read_api_retry():
                                             exceptions.ResourceExhausted),
         initial=timing.initial, maximum=timing.maximum, multiplier=timing.multiplier,
         timeout=timing.deadline)
+
+
+def read_stream(reader, name: str):
+    """The responses of the Storage Read API stream ``name``, read with ``reader`` (a
+    ``BigQueryReadClient``), from its start.
+
+    The library resumes a stream that fails from its offset, but one that sends nothing,
+    and no error either, would wait for the call's deadline: a day by default. So each
+    call is given :func:`bigquery_timeout` seconds: a call that has not sent its first
+    message by then is sent again by :func:`read_api_retry`, and a stream still running
+    at its deadline is read on from the rows already received, in a new call. A stream
+    that sends no rows in call after call fails once
+    :func:`pipelines.storage.retry_timing`'s deadline has passed since its last rows."""
+    from google.api_core import exceptions
+
+    seconds, offset = bigquery_timeout(), 0
+    last_rows = time.monotonic()
+    while True:
+        try:
+            for response in reader.read_rows(name, offset=offset, retry=read_api_retry(),
+                                             timeout=seconds):
+                offset += response.row_count
+                last_rows = time.monotonic()
+                yield response
+            return
+        except exceptions.DeadlineExceeded as exc:
+            silent = time.monotonic() - last_rows
+            if silent > retry_timing().deadline:
+                raise PipelineError(f"Storage Read API stream {name} sent no rows for "
+                                    f"{silent:.0f} s: {first_line(exc)}") from None
+            log.info("Storage Read API stream %s at its %g s deadline; reading on from row %d",
+                     name, seconds, offset)
 
 
 def default_warehouse_path() -> str:
@@ -392,12 +425,11 @@ class BigQuerySource:
             read_session=types.ReadSession(
                 table=f"projects/{self.project}/datasets/{dataset}/tables/{table}",
                 data_format=types.DataFormat.ARROW),
-            max_stream_count=1, retry=read_api_retry())
+            max_stream_count=1, retry=read_api_retry(), timeout=bigquery_timeout())
         schema = pa.ipc.read_schema(pa.py_buffer(session.arrow_schema.serialized_schema))
         batches = []
         for stream in session.streams:
-            # The stream object resumes from its offset on transient errors by itself.
-            for response in reader.read_rows(stream.name, retry=read_api_retry()):
+            for response in read_stream(reader, stream.name):
                 data = response.arrow_record_batch.serialized_record_batch
                 if data:
                     batches.append(pa.ipc.read_record_batch(pa.py_buffer(data), schema))

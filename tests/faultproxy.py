@@ -20,7 +20,10 @@
   level (a generic gRPC server forwarding raw messages over its own channel, not a TCP
   relay): ``unavailable`` and ``exhausted`` fail a call before forwarding with
   UNAVAILABLE / RESOURCE_EXHAUSTED, ``reset`` breaks a server stream with UNAVAILABLE
-  after its first message (a connection dropped mid-stream).
+  after its first message (a connection dropped mid-stream). ``stall`` rules leave
+  matching calls unanswered (no message, no status) until the client gives up on them.
+  The BigQuery emulator ignores ReadRows' ``offset`` (it always sends the whole stream),
+  so a stream resumed mid-way reads its rows again here, unlike BigQuery.
 
 Every proxy counts what it saw and what it injected (:attr:`counts`, :attr:`injected`),
 so that a test can assert that faults really happened. "Deterministic" means the
@@ -44,6 +47,7 @@ import re
 import select
 import socket
 import threading
+import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -418,6 +422,7 @@ class GrpcFaultProxy(_Counting):
         self._grpc = grpc
         self._dice = _Dice()
         self.rules: list[tuple[str, object, str]] = []  # (method regex, code, message)
+        self.stalls: list[list] = []  # [method regex, calls left, seconds]
         self._reset_counts()
         self._streaming = tuple(server_streaming)
         self._channel = grpc.insecure_channel(upstream)
@@ -440,10 +445,19 @@ class GrpcFaultProxy(_Counting):
         (a ``grpc.StatusCode``) from now on."""
         self.rules.append((method, code, message or f"faultproxy: {code.name} for {method}"))
 
+    def stall(self, method: str = ".", times: int = 1, seconds: float = 120.0) -> None:
+        """Leave the next ``times`` calls whose method matches the regex ``method``
+        unanswered and not forwarded (a stream sends no message) for ``seconds`` or until
+        the client cancels them, then fail them with UNAVAILABLE: a connection that stops
+        answering. ``counts["stall-abandoned"]`` counts the calls the client gave up on
+        first."""
+        self.stalls.append([method, times, seconds])
+
     def reset(self) -> None:
         """No faults, no rules, counters at zero."""
         self._dice.configure(0.0, 0, ())
         self.rules = []
+        self.stalls = []
         self._reset_counts()
 
     def stop(self) -> None:
@@ -466,6 +480,7 @@ class GrpcFaultProxy(_Counting):
             if re.search(pattern, method):
                 self._count(code.name, "RPC", method, injected=True)
                 context.abort(code, message)
+        self._stall_if_asked(method, context)
         kind = self._dice.roll(GRPC_FAULTS if streaming else ("unavailable", "exhausted"))
         if kind == "unavailable":
             self._count(kind, "RPC", method, injected=True)
@@ -475,6 +490,21 @@ class GrpcFaultProxy(_Counting):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           "faultproxy: injected RESOURCE_EXHAUSTED")
         return kind
+
+    def _stall_if_asked(self, method: str, context) -> None:
+        with self._count_lock:
+            rule = next((r for r in self.stalls if r[1] > 0 and re.search(r[0], method)), None)
+            if rule is not None:
+                rule[1] -= 1
+        if rule is None:
+            return
+        self._count("stall", "RPC", method, injected=True)
+        give_up = time.monotonic() + rule[2]
+        while context.is_active() and time.monotonic() < give_up:
+            time.sleep(0.05)
+        if not context.is_active():
+            self._count("stall-abandoned")
+        context.abort(self._grpc.StatusCode.UNAVAILABLE, "faultproxy: stalled call ended")
 
     def _unary(self, method: str):
         def call(request: bytes, context):

@@ -269,6 +269,90 @@ def test_an_unanswered_bigquery_request_of_the_merge_is_sent_again(bq_emulator, 
     client.delete_dataset(f"{PROJECT}.bqx_stall_test", not_found_ok=True)
 
 
+def _read_through_stalled_grpc(bq_warehouse, proxies, monkeypatch, method: str):
+    """A query's result read through the Storage Read API while the proxy leaves the
+    first call of ``method`` unanswered; returns (seconds taken, proxy summary)."""
+    from pipelines.catalog import load_catalog
+    from pipelines.sources import DuckDBSource, open_source
+
+    _through_proxies(monkeypatch, proxies)
+    proxies.grpc.stall(method=method, times=1, seconds=120)
+    dataset = load_catalog(None).targets_dataset
+    query = f"SELECT * FROM `{PROJECT}`.`{dataset}`.`targets_{PAIR}`"
+    want = DuckDBSource(bq_warehouse["duckdb"]).query_arrow(query.replace(f"`{PROJECT}`.", ""))
+    started = time.monotonic()
+    got = open_source(bq_warehouse["source"]).query_arrow(query)
+    seconds = time.monotonic() - started
+    order = [(want.schema.names[0], "ascending")]
+    assert got.num_rows == want.num_rows > 0
+    assert got.sort_by(order).equals(want.cast(got.schema).sort_by(order))
+    assert proxies.grpc.counts["stall"] == proxies.grpc.counts["stall-abandoned"] == 1, \
+        proxies.grpc.summary()
+    return seconds, proxies.grpc.summary()
+
+
+def test_an_unanswered_read_session_request_is_sent_again(bq_warehouse, proxies, monkeypatch):
+    """CreateReadSession left unanswered is abandoned after BQX_REQUEST_SECONDS and sent
+    again; the library's own deadline for it is 600 s."""
+    seconds, summary = _read_through_stalled_grpc(bq_warehouse, proxies, monkeypatch,
+                                                  "CreateReadSession")
+    _report("extract read, CreateReadSession unanswered", seconds, summary)
+    assert seconds < 60
+
+
+def test_a_read_stream_that_sends_nothing_is_read_again(bq_warehouse, proxies, monkeypatch):
+    """A ReadRows stream that sends nothing (no rows, no error) is abandoned after
+    BQX_REQUEST_SECONDS and read again from its offset; the library's own deadline for a
+    stream is a day, and it resumes only streams that fail."""
+    seconds, summary = _read_through_stalled_grpc(bq_warehouse, proxies, monkeypatch, "ReadRows")
+    _report("extract read, ReadRows stream silent", seconds, summary)
+    assert seconds < 60
+
+
+
+class _ScriptedReader:
+    """Stands in for ``BigQueryReadClient`` in the two tests below, a fault no emulator
+    here can give: the BigQuery emulator ignores ReadRows' ``offset`` (it sends the whole
+    stream again), so reading on from an offset cannot be checked against it. Call i
+    yields ``script[i]``'s row counts as messages, then ends, or fails with
+    DEADLINE_EXCEEDED (after ``pause`` seconds) when the script says so."""
+
+    def __init__(self, script, pause: float = 0.0):
+        self.script, self.pause, self.offsets = script, pause, []
+
+    def read_rows(self, name, offset, retry, timeout):
+        from google.api_core import exceptions
+
+        rows, fails = self.script[min(len(self.offsets), len(self.script) - 1)]
+        self.offsets.append(offset)
+        for count in rows:
+            yield types.SimpleNamespace(row_count=count)
+        if fails:
+            time.sleep(self.pause)
+            raise exceptions.DeadlineExceeded("Deadline Exceeded")
+
+
+def test_a_read_stream_at_its_deadline_is_read_on_from_its_offset():
+    from pipelines.sources import read_stream
+
+    reader = _ScriptedReader([([3, 2], True), ([], True), ([4], False)])
+    assert [m.row_count for m in read_stream(reader, "s")] == [3, 2, 4]
+    assert reader.offsets == [0, 5, 5]
+
+
+def test_a_read_stream_silent_past_the_retry_deadline_fails_in_one_line(monkeypatch):
+    from pipelines.errors import PipelineError
+    from pipelines.sources import read_stream
+
+    monkeypatch.setenv("BQX_RETRY_SECONDS", "0.3")
+    reader = _ScriptedReader([([7], True), ([], True)], pause=0.1)
+    with pytest.raises(PipelineError, match=r"^Storage Read API stream projects/p/s sent no rows "
+                                            r"for \d+ s: 504 Deadline Exceeded$"):
+        list(read_stream(reader, "projects/p/s"))
+    assert reader.offsets[0] == 0 and set(reader.offsets[1:]) == {7}
+    assert 3 <= len(reader.offsets) <= 6
+
+
 def test_a_bad_request_timeout_is_one_clear_error_before_any_request(bq_warehouse, proxies,
                                                                       monkeypatch):
     from pipelines.errors import PipelineError
