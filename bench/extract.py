@@ -59,6 +59,7 @@ def _trial(kind: str, workers: int, limit: str | None, warehouse: str, work: str
     """One measured run of the copy loop or the extract job (reading the warehouse with
     DuckDB's memory ``limit``, or the source's default), into a folder removed after."""
     from bench.merge import run_isolated
+    from pipelines.sources import duckdb_url
 
     out = os.path.join(work, f"{kind}{workers}")
     if kind == "copy":
@@ -66,7 +67,7 @@ def _trial(kind: str, workers: int, limit: str | None, warehouse: str, work: str
                str(workers)]
     else:
         cmd = [sys.executable, "-m", "pipelines.extract", "--pair", args.pair,
-               "--source", f"duckdb://{warehouse}" + (f"?memory_limit={limit}" if limit else ""),
+               "--source", duckdb_url(warehouse) + (f"?memory_limit={limit}" if limit else ""),
                "--checkpoint-root", out,
                f"--direct_num_workers={workers}", f"--direct_running_mode={args.running_mode}"]
     r = run_isolated(cmd, args.cap_seconds, 1 << 40)

@@ -662,10 +662,12 @@ class Setup:
 
 def job_command(job: str, setup: Setup, trial_root: str) -> list[str]:
     """The command line of ``job`` for a trial rooted at ``trial_root``."""
+    from pipelines.sources import duckdb_url
+
     ck = f"{trial_root}/ck"
     if job == "extract":
         return [sys.executable, "-m", "pipelines.extract", "--pair", PAIR,
-                "--source", f"duckdb://{setup.warehouse}", "--checkpoint-root", ck,
+                "--source", duckdb_url(setup.warehouse), "--checkpoint-root", ck,
                 "--shard-days", "1", "--direct_num_workers", "2"]
     # --overwrite as the deployed merge job passes it: a merge killed after publishing
     # (before its report) must be able to run again.

@@ -186,7 +186,7 @@ class DuckDBSource:
         import duckdb
 
         self.path = path
-        self.url = f"duckdb://{path}"
+        self.url = duckdb_url(path)
         self.project = None
         self.memory_limit = memory_limit.strip()
         if not _MEMORY_SIZE.fullmatch(self.memory_limit):
@@ -256,7 +256,7 @@ class DuckDBSource:
             raise PipelineError(
                 f"source {self.url}: a query needed more than DuckDB's memory limit "
                 f"({self.memory_limit}); raise it with --source "
-                f"'duckdb://{self.path}?memory_limit=SIZE', SIZE above {self.memory_limit}") from None
+                f"'{self.url}?memory_limit=SIZE', SIZE above {self.memory_limit}") from None
         except duckdb.IOException as exc:
             # DuckDB names its spill folder in the error; any other I/O error is not ours
             # to explain.
@@ -266,7 +266,7 @@ class DuckDBSource:
                 f"source {self.url}: a query needed more than DuckDB's memory limit "
                 f"({self.memory_limit}) and could not spill to {self.temp_directory} "
                 f"({first_line(exc)}); give it a writable folder with --source "
-                f"'duckdb://{self.path}?temp_directory=DIR', or raise memory_limit") from None
+                f"'{self.url}?temp_directory=DIR', or raise memory_limit") from None
         finally:
             cur.close()
 
@@ -512,12 +512,25 @@ def _url_parameters(url: str, query: str, known: tuple[str, ...]) -> dict[str, s
     return params
 
 
+def duckdb_url(path: str) -> str:
+    """The ``duckdb://`` URL of the warehouse file ``path``, percent-encoded, so that a
+    ``?`` or ``%`` in its name is not taken for the URL's parameters or an escape."""
+    from urllib.parse import quote
+
+    return "duckdb://" + quote(path)
+
+
 def open_source(url: str) -> Source:
     """Open a source from its URL:
-    ``duckdb:///path/file.duckdb[?memory_limit=2GB&temp_directory=DIR]`` (or a plain path)
-    or ``bigquery://PROJECT[?scratch_dataset=DATASET&location=LOCATION]``."""
+    ``duckdb:///path/file.duckdb[?memory_limit=2GB&temp_directory=DIR]`` (or a plain path;
+    in a URL the path is percent-encoded, as :func:`duckdb_url` writes it, so ``%3F``
+    stands for a ``?`` in a file name) or
+    ``bigquery://PROJECT[?scratch_dataset=DATASET&location=LOCATION]``."""
     if url.startswith("duckdb://"):
+        from urllib.parse import unquote
+
         path, _, query = url[len("duckdb://"):].partition("?")
+        path = unquote(path)
         params = _url_parameters(url, query, ("memory_limit", "temp_directory"))
         return DuckDBSource(path, memory_limit=params.get("memory_limit", DUCKDB_MEMORY_LIMIT),
                             temp_directory=params.get("temp_directory"))

@@ -152,6 +152,26 @@ def test_a_warehouse_is_read_within_duckdbs_memory_limit(tiny_warehouse):
     del refused
 
 
+def test_a_warehouse_whose_name_holds_a_question_mark_or_percent_opens(tiny_warehouse, tmp_path):
+    """In a duckdb:// URL the path is percent-encoded, so a ``?`` in a file name is not
+    taken for the parameters; duckdb_url writes such URLs, and a plain path works too."""
+    import contextlib
+    import shutil
+
+    from pipelines.sources import duckdb_url, open_source
+
+    odd = str(tmp_path / "w?x%41 y.duckdb")
+    shutil.copy(tiny_warehouse, odd)
+    url = duckdb_url(odd)
+    assert url.startswith("duckdb://") and "?" not in url
+    for given in (url, url + "?memory_limit=64MB", odd):
+        with contextlib.closing(open_source(given)) as source:
+            assert source.path == odd and source.url == url
+            assert source.query_rows("SELECT count(*) AS n FROM ds.a") == [{"n": 100}]
+    with pytest.raises(PipelineError, match=r"w%3Fx%2541%20y\.duckdb"):
+        open_source(url + "?memory=1GB")
+
+
 def test_a_query_that_cannot_spill_names_the_folder_and_how_to_choose_another(tmp_path):
     """Over DuckDB's memory limit a query spills to the warehouse's path plus ``.tmp``.
     When DuckDB cannot make that folder (a file stands in its way here, as a read-only

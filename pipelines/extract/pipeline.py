@@ -18,7 +18,7 @@ from pipelines.extract.options import ExtractOptions
 from pipelines.extract.plan import ExtractionPlan, make_plan
 from pipelines.extract.transforms import FAILED, ExtractShards
 from pipelines.extract.verify import ExtractionIncomplete, commit_manifest
-from pipelines.sources import default_warehouse_path, open_source
+from pipelines.sources import default_warehouse_path, duckdb_url, open_source
 from pipelines.window import window_from_options
 
 log = logging.getLogger("pipelines.extract")
@@ -80,7 +80,7 @@ def resolve_source(opts: ExtractOptions, catalog_path: str | None, pair: str) ->
 
     with cli.stage("sample", warehouse=path, pair=pair, rows=opts.sample_rows):
         sample.build_warehouse(path, [pair], rows=opts.sample_rows)
-    return f"duckdb://{path}"
+    return duckdb_url(path)
 
 
 def pending_tasks(plan: ExtractionPlan) -> list:
