@@ -21,9 +21,12 @@
   relay): ``unavailable`` and ``exhausted`` fail a call before forwarding with
   UNAVAILABLE / RESOURCE_EXHAUSTED, ``reset`` breaks a server stream with UNAVAILABLE
   after its first message (a connection dropped mid-stream). ``stall`` rules leave
-  matching calls unanswered (no message, no status) until the client gives up on them.
-  The BigQuery emulator ignores ReadRows' ``offset`` (it always sends the whole stream),
-  so a stream resumed mid-way reads its rows again here, unlike BigQuery.
+  matching calls unanswered (no message, no status), or a stream silent after some
+  messages, until the client gives up on them. The BigQuery emulator ignores ReadRows'
+  ``offset`` (it always sends the whole stream), so the proxy applies it: it asks for the
+  whole stream and drops the rows before the offset, as BigQuery does, so that a stream
+  resumed mid-way (by the library after a failure, or by the extract at a deadline)
+  reads each row once here too.
 
 Every proxy counts what it saw and what it injected (:attr:`counts`, :attr:`injected`),
 so that a test can assert that faults really happened. "Deterministic" means the
@@ -422,7 +425,9 @@ class GrpcFaultProxy(_Counting):
         self._grpc = grpc
         self._dice = _Dice()
         self.rules: list[tuple[str, object, str]] = []  # (method regex, code, message)
-        self.stalls: list[list] = []  # [method regex, calls left, seconds]
+        self.stalls: list[list] = []  # [method regex, calls left, seconds, after messages]
+        # The Arrow schema of every read stream, from its session, to apply offsets.
+        self._schemas: dict[str, bytes] = {}
         self._reset_counts()
         self._streaming = tuple(server_streaming)
         self._channel = grpc.insecure_channel(upstream)
@@ -445,13 +450,14 @@ class GrpcFaultProxy(_Counting):
         (a ``grpc.StatusCode``) from now on."""
         self.rules.append((method, code, message or f"faultproxy: {code.name} for {method}"))
 
-    def stall(self, method: str = ".", times: int = 1, seconds: float = 120.0) -> None:
+    def stall(self, method: str = ".", times: int = 1, seconds: float = 120.0,
+              after: int = 0) -> None:
         """Leave the next ``times`` calls whose method matches the regex ``method``
-        unanswered and not forwarded (a stream sends no message) for ``seconds`` or until
-        the client cancels them, then fail them with UNAVAILABLE: a connection that stops
-        answering. ``counts["stall-abandoned"]`` counts the calls the client gave up on
-        first."""
-        self.stalls.append([method, times, seconds])
+        unanswered (not forwarded; with ``after``, a stream goes silent after that many
+        messages, before its end) for ``seconds`` or until the client cancels them, then
+        fail them with UNAVAILABLE: a connection that stops answering.
+        ``counts["stall-abandoned"]`` counts the calls the client gave up on first."""
+        self.stalls.append([method, times, seconds, after])
 
     def reset(self) -> None:
         """No faults, no rules, counters at zero."""
@@ -491,9 +497,11 @@ class GrpcFaultProxy(_Counting):
                           "faultproxy: injected RESOURCE_EXHAUSTED")
         return kind
 
-    def _stall_if_asked(self, method: str, context) -> None:
+    def _stall_if_asked(self, method: str, context, sent: int = 0) -> None:
+        """Stall the call if a stall rule matches it after ``sent`` messages."""
         with self._count_lock:
-            rule = next((r for r in self.stalls if r[1] > 0 and re.search(r[0], method)), None)
+            rule = next((r for r in self.stalls if r[1] > 0 and r[3] == sent
+                         and re.search(r[0], method)), None)
             if rule is not None:
                 rule[1] -= 1
         if rule is None:
@@ -515,18 +523,60 @@ class GrpcFaultProxy(_Counting):
             except self._grpc.RpcError as exc:
                 context.abort(exc.code(), exc.details() or "")
             self._count("forwarded")
+            if method.endswith("/CreateReadSession"):
+                from google.cloud.bigquery_storage_v1 import types
+
+                session = types.ReadSession.deserialize(reply)
+                for stream in session.streams:
+                    self._schemas[stream.name] = session.arrow_schema.serialized_schema
             return reply
         return call
+
+    def _from_offset(self, request: bytes):
+        """A ReadRows request for the whole stream, and a function that drops the rows
+        before the request's offset from the stream's messages."""
+        import pyarrow as pa
+        from google.cloud.bigquery_storage_v1 import types
+
+        asked = types.ReadRowsRequest.deserialize(request)
+        skip, name = asked.offset, asked.read_stream
+        asked.offset = 0
+
+        def drop_rows(messages):
+            nonlocal skip
+            for message in messages:
+                if skip:
+                    response = types.ReadRowsResponse.deserialize(message)
+                    rows = response.row_count
+                    if skip >= rows:
+                        skip -= rows
+                        continue
+                    schema = pa.ipc.read_schema(pa.py_buffer(self._schemas[name]))
+                    batch = pa.ipc.read_record_batch(
+                        pa.py_buffer(response.arrow_record_batch.serialized_record_batch), schema)
+                    kept = batch.slice(skip)
+                    response.arrow_record_batch.serialized_record_batch = kept.serialize().to_pybytes()
+                    response.arrow_record_batch.row_count = kept.num_rows
+                    response.row_count, skip = kept.num_rows, 0
+                    message = types.ReadRowsResponse.serialize(response)
+                yield message
+        return types.ReadRowsRequest.serialize(asked), drop_rows
 
     def _stream(self, method: str):
         def call(request: bytes, context):
             kind = self._before(method, context, streaming=True)
+            drop_rows = None
+            if method.endswith("/ReadRows"):
+                request, drop_rows = self._from_offset(request)
             upstream = self._channel.unary_stream(method)(
                 request, metadata=self._metadata(context), timeout=context.time_remaining())
             self._count("forwarded")
             try:
-                for message in upstream:
+                sent = 0
+                for message in (drop_rows(upstream) if drop_rows else upstream):
                     yield message
+                    sent += 1
+                    self._stall_if_asked(method, context, sent)
                     if kind == "reset":
                         self._count(kind, "RPC", method, injected=True)
                         upstream.cancel()
