@@ -1,5 +1,6 @@
 """The extraction's pure transforms, and the Beam transform under TestPipeline."""
 import datetime as dt
+import os
 import random
 
 import apache_beam as beam
@@ -282,6 +283,34 @@ def test_a_batch_with_a_missing_table_fails_only_that_task(tiny_warehouse, tmp_p
         assert_that(out[FAILED] | beam.Map(lambda line: line.split(":")[0]),
                     equal_to(["ds.gone shard 20250106T0000-20250107T0000"]), label="failed")
     assert [checkpoints.shard_is_done(t) for t in tasks] == [True, False, True]
+
+
+def test_a_read_with_other_rows_than_counted_fails_its_shard(tiny_warehouse, tmp_path):
+    """A row added to the table between its count and its read (or a read that repeated
+    rows) fails the shard in one line, before anything is written: dropping repeated keys
+    would otherwise hide rows read twice."""
+    import contextlib
+
+    import duckdb
+
+    from pipelines.extract.transforms import extract_shard
+    from pipelines.sources import open_source
+
+    task = _tasks(["a"], str(tmp_path / "ck"))[0]
+    with contextlib.closing(open_source(f"duckdb://{tiny_warehouse}")) as source:
+        counts = source.query_rows(task.count_sql)[0]
+    assert counts["n_rows"] == 100
+    con = duckdb.connect(tiny_warehouse)
+    con.execute("INSERT INTO ds.a SELECT TIMESTAMPTZ '2025-01-06 00:00:00+00', -1.0")
+    con.close()
+    with contextlib.closing(open_source(f"duckdb://{tiny_warehouse}")) as source:
+        with pytest.raises(PipelineError, match=r"^ds\.a shard \S+: read 101 rows, but the count "
+                                                r"query found 100: the table changed"):
+            extract_shard(source, task, "interval_time", "drop", counts)
+        assert not checkpoints.shard_is_done(task) and not os.path.exists(task.path)
+        # Counted again, the shard is extracted, its repeated key dropped and counted.
+        assert extract_shard(source, task, "interval_time", "drop")["duplicates_dropped"] == 1
+    assert checkpoints.shard_is_done(task)
 
 
 def test_verification_rereads_only_shards_this_run_did_not_write(tiny_warehouse, tmp_path, monkeypatch):

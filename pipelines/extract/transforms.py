@@ -145,10 +145,19 @@ class PreparedShard:
 def prepare_shard(source, task: ShardTask, key: str, policy: str,
                   counts: dict[str, int] | None = None) -> PreparedShard:
     """Count (unless ``counts`` already answer the task's count query) and read one
-    task's shard, then sort, deduplicate and conform it."""
+    task's shard, then sort, deduplicate and conform it.
+
+    The read must return as many rows as the count found (both have the same WHERE): a
+    table changed in between, or a read that lost or repeated rows (a stream resumed at
+    the wrong offset, say), fails the shard instead of being hidden by the dropping of
+    repeated keys."""
     if counts is None:
         counts = _ask(source.query_rows, task.count_sql, task.label)[0]
     raw = _ask(source.query_arrow, task.select_sql, task.label)
+    if raw.num_rows != counts["n_rows"]:
+        raise PipelineError(f"{task.label}: read {raw.num_rows} rows, but the count query found "
+                            f"{counts['n_rows']}: the table changed while it was extracted, or "
+                            f"the read lost or repeated rows; run again to extract the shard again")
     table, duplicates = sort_and_dedupe(raw, key, policy, task.label)
     table = conform(table, checkpoints.output_schema(task.spec, key), task.label)
     return PreparedShard(table, counts, duplicates)
