@@ -322,6 +322,39 @@ def test_a_read_stream_silent_before_its_end_is_read_on_from_its_offset(bq_wareh
 
 
 
+def test_the_proxy_applies_a_read_offset_inside_a_message():
+    """The proxy's stand-in for BigQuery's ReadRows offset (the emulator ignores it, and
+    sends one message per stream, so a resumed read never starts inside a message
+    there): whole messages before the offset are dropped, the one it falls in is cut."""
+    import pyarrow as pa
+    from google.cloud.bigquery_storage_v1 import types as read_types
+
+    from faultproxy import GrpcFaultProxy
+
+    proxy = GrpcFaultProxy("127.0.0.1:9")  # nothing is forwarded here
+    try:
+        schema = pa.schema([("x", pa.int64())])
+        proxy._schemas["s"] = schema.serialize().to_pybytes()
+        messages = []
+        for first in (0, 4, 8):
+            batch = pa.record_batch([pa.array(range(first, first + 4))], schema=schema)
+            messages.append(read_types.ReadRowsResponse.serialize(read_types.ReadRowsResponse(
+                row_count=4, arrow_record_batch={"serialized_record_batch": batch.serialize().to_pybytes()})))
+        request = read_types.ReadRowsRequest.serialize(read_types.ReadRowsRequest(read_stream="s", offset=5))
+        forwarded, drop_rows = proxy._from_offset(request)
+        assert read_types.ReadRowsRequest.deserialize(forwarded).offset == 0
+        rows, counts = [], []
+        for message in drop_rows(iter(messages)):
+            response = read_types.ReadRowsResponse.deserialize(message)
+            batch = pa.ipc.read_record_batch(
+                pa.py_buffer(response.arrow_record_batch.serialized_record_batch), schema)
+            rows += batch.column(0).to_pylist()
+            counts.append(response.row_count)
+        assert rows == list(range(5, 12)) and counts == [3, 4]
+    finally:
+        proxy.stop()
+
+
 class _ScriptedReader:
     """Stands in for ``BigQueryReadClient`` in the two tests below: a stream of several
     messages cut at its deadline, and one silent for longer than the retry deadline,
