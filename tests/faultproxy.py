@@ -20,7 +20,8 @@
   level (a generic gRPC server forwarding raw messages over its own channel, not a TCP
   relay): ``unavailable`` and ``exhausted`` fail a call before forwarding with
   UNAVAILABLE / RESOURCE_EXHAUSTED, ``reset`` breaks a server stream with UNAVAILABLE
-  after its first message (a connection dropped mid-stream). ``stall`` rules leave
+  after its first message (a connection dropped mid-stream; :meth:`GrpcFaultProxy.break_streams`
+  does it to the next streams for sure). ``stall`` rules leave
   matching calls unanswered (no message, no status), or a stream silent after some
   messages, until the client gives up on them. The BigQuery emulator ignores ReadRows'
   ``offset`` (it always sends the whole stream), so the proxy applies it: it asks for the
@@ -426,6 +427,7 @@ class GrpcFaultProxy(_Counting):
         self._dice = _Dice()
         self.rules: list[tuple[str, object, str]] = []  # (method regex, code, message)
         self.stalls: list[list] = []  # [method regex, calls left, seconds, after messages]
+        self.breaks = 0  # streams left to break after their first message
         # The Arrow schema of every read stream, from its session, to apply offsets.
         self._schemas: dict[str, bytes] = {}
         self._reset_counts()
@@ -459,11 +461,17 @@ class GrpcFaultProxy(_Counting):
         ``counts["stall-abandoned"]`` counts the calls the client gave up on first."""
         self.stalls.append([method, times, seconds, after])
 
+    def break_streams(self, times: int = 1) -> None:
+        """Break the next ``times`` server streams after their first message, as the
+        ``reset`` fault does."""
+        self.breaks = times
+
     def reset(self) -> None:
         """No faults, no rules, counters at zero."""
         self._dice.configure(0.0, 0, ())
         self.rules = []
         self.stalls = []
+        self.breaks = 0
         self._reset_counts()
 
     def stop(self) -> None:
@@ -487,6 +495,11 @@ class GrpcFaultProxy(_Counting):
                 self._count(code.name, "RPC", method, injected=True)
                 context.abort(code, message)
         self._stall_if_asked(method, context)
+        if streaming:
+            with self._count_lock:
+                if self.breaks > 0:
+                    self.breaks -= 1
+                    return "reset"
         kind = self._dice.roll(GRPC_FAULTS if streaming else ("unavailable", "exhausted"))
         if kind == "unavailable":
             self._count(kind, "RPC", method, injected=True)

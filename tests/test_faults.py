@@ -322,6 +322,27 @@ def test_a_read_stream_silent_before_its_end_is_read_on_from_its_offset(bq_wareh
 
 
 
+def test_a_read_stream_broken_after_its_rows_is_resumed_without_reading_them_again(
+        bq_warehouse, proxies, monkeypatch):
+    """A ReadRows call broken (UNAVAILABLE) after its first message: the library
+    resumes the stream from its offset, and the read holds each row once (the proxy
+    applies the offset, as BigQuery does; the emulator alone sent the rows again, which
+    made the extraction's count check fail)."""
+    from pipelines.catalog import load_catalog
+    from pipelines.sources import DuckDBSource, open_source
+
+    _through_proxies(monkeypatch, proxies)
+    proxies.grpc.break_streams(times=1)
+    dataset = load_catalog(None).targets_dataset
+    query = f"SELECT * FROM `{PROJECT}`.`{dataset}`.`targets_{PAIR}`"
+    got = open_source(bq_warehouse["source"]).query_arrow(query)
+    want = DuckDBSource(bq_warehouse["duckdb"]).query_arrow(query.replace(f"`{PROJECT}`.", ""))
+    assert proxies.grpc.counts["reset"] == 1, proxies.grpc.summary()
+    order = [(want.schema.names[0], "ascending")]
+    assert got.num_rows == want.num_rows > 0
+    assert got.sort_by(order).equals(want.cast(got.schema).sort_by(order))
+
+
 def test_the_proxy_applies_a_read_offset_inside_a_message():
     """The proxy's stand-in for BigQuery's ReadRows offset (the emulator ignores it, and
     sends one message per stream, so a resumed read never starts inside a message
