@@ -412,6 +412,17 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
 
 
+@dataclass
+class _Stall:
+    """A gRPC stall rule: the next ``times`` calls of a method matching the regex
+    ``method`` go silent after ``after`` messages, for ``seconds``."""
+
+    method: str
+    times: int
+    seconds: float
+    after: int
+
+
 class GrpcFaultProxy(_Counting):
     """A gRPC proxy to ``upstream`` (``host:port``, plaintext) that injects faults.
 
@@ -426,7 +437,7 @@ class GrpcFaultProxy(_Counting):
         self._grpc = grpc
         self._dice = _Dice()
         self.rules: list[tuple[str, object, str]] = []  # (method regex, code, message)
-        self.stalls: list[list] = []  # [method regex, calls left, seconds, after messages]
+        self.stalls: list[_Stall] = []
         self.breaks = 0  # streams left to break after their first message
         # The Arrow schema of every read stream, from its session, to apply offsets.
         self._schemas: dict[str, bytes] = {}
@@ -459,7 +470,7 @@ class GrpcFaultProxy(_Counting):
         messages, before its end) for ``seconds`` or until the client cancels them, then
         fail them with UNAVAILABLE: a connection that stops answering.
         ``counts["stall-abandoned"]`` counts the calls the client gave up on first."""
-        self.stalls.append([method, times, seconds, after])
+        self.stalls.append(_Stall(method, times, seconds, after))
 
     def break_streams(self, times: int = 1) -> None:
         """Break the next ``times`` server streams after their first message, as the
@@ -513,14 +524,14 @@ class GrpcFaultProxy(_Counting):
     def _stall_if_asked(self, method: str, context, sent: int = 0) -> None:
         """Stall the call if a stall rule matches it after ``sent`` messages."""
         with self._count_lock:
-            rule = next((r for r in self.stalls if r[1] > 0 and r[3] == sent
-                         and re.search(r[0], method)), None)
+            rule = next((r for r in self.stalls if r.times > 0 and r.after == sent
+                         and re.search(r.method, method)), None)
             if rule is not None:
-                rule[1] -= 1
+                rule.times -= 1
         if rule is None:
             return
         self._count("stall", "RPC", method, injected=True)
-        give_up = time.monotonic() + rule[2]
+        give_up = time.monotonic() + rule.seconds
         while context.is_active() and time.monotonic() < give_up:
             time.sleep(0.05)
         if not context.is_active():

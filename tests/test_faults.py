@@ -269,15 +269,13 @@ def test_an_unanswered_bigquery_request_of_the_merge_is_sent_again(bq_emulator, 
     client.delete_dataset(f"{PROJECT}.bqx_stall_test", not_found_ok=True)
 
 
-def _read_through_stalled_grpc(bq_warehouse, proxies, monkeypatch, method: str, after: int = 0):
-    """A query's result read through the Storage Read API while the proxy leaves the
-    first call of ``method`` unanswered (a stream: silent after ``after`` messages);
-    returns (seconds taken, proxy summary)."""
+def _read_targets_through_proxies(bq_warehouse) -> float:
+    """Read the pair's targets table from the BigQuery emulator through the proxies
+    (Storage Read API) and check it holds each of the warehouse's rows once; returns
+    the seconds the read took."""
     from pipelines.catalog import load_catalog
     from pipelines.sources import DuckDBSource, open_source
 
-    _through_proxies(monkeypatch, proxies)
-    proxies.grpc.stall(method=method, times=1, seconds=120, after=after)
     dataset = load_catalog(None).targets_dataset
     query = f"SELECT * FROM `{PROJECT}`.`{dataset}`.`targets_{PAIR}`"
     want = DuckDBSource(bq_warehouse["duckdb"]).query_arrow(query.replace(f"`{PROJECT}`.", ""))
@@ -287,6 +285,16 @@ def _read_through_stalled_grpc(bq_warehouse, proxies, monkeypatch, method: str, 
     order = [(want.schema.names[0], "ascending")]
     assert got.num_rows == want.num_rows > 0
     assert got.sort_by(order).equals(want.cast(got.schema).sort_by(order))
+    return seconds
+
+
+def _read_through_stalled_grpc(bq_warehouse, proxies, monkeypatch, method: str, after: int = 0):
+    """:func:`_read_targets_through_proxies` while the proxy leaves the first call of
+    ``method`` unanswered (a stream: silent after ``after`` messages); returns (seconds
+    taken, proxy summary)."""
+    _through_proxies(monkeypatch, proxies)
+    proxies.grpc.stall(method=method, times=1, seconds=120, after=after)
+    seconds = _read_targets_through_proxies(bq_warehouse)
     assert proxies.grpc.counts["stall"] == proxies.grpc.counts["stall-abandoned"] == 1, \
         proxies.grpc.summary()
     return seconds, proxies.grpc.summary()
@@ -321,26 +329,16 @@ def test_a_read_stream_silent_before_its_end_is_read_on_from_its_offset(bq_wareh
     assert seconds < 60
 
 
-
 def test_a_read_stream_broken_after_its_rows_is_resumed_without_reading_them_again(
         bq_warehouse, proxies, monkeypatch):
     """A ReadRows call broken (UNAVAILABLE) after its first message: the library
     resumes the stream from its offset, and the read holds each row once (the proxy
     applies the offset, as BigQuery does; the emulator alone sent the rows again, which
     made the extraction's count check fail)."""
-    from pipelines.catalog import load_catalog
-    from pipelines.sources import DuckDBSource, open_source
-
     _through_proxies(monkeypatch, proxies)
     proxies.grpc.break_streams(times=1)
-    dataset = load_catalog(None).targets_dataset
-    query = f"SELECT * FROM `{PROJECT}`.`{dataset}`.`targets_{PAIR}`"
-    got = open_source(bq_warehouse["source"]).query_arrow(query)
-    want = DuckDBSource(bq_warehouse["duckdb"]).query_arrow(query.replace(f"`{PROJECT}`.", ""))
+    _read_targets_through_proxies(bq_warehouse)
     assert proxies.grpc.counts["reset"] == 1, proxies.grpc.summary()
-    order = [(want.schema.names[0], "ascending")]
-    assert got.num_rows == want.num_rows > 0
-    assert got.sort_by(order).equals(want.cast(got.schema).sort_by(order))
 
 
 def test_the_proxy_applies_a_read_offset_inside_a_message():

@@ -157,7 +157,7 @@ def prepare_shard(source, task: ShardTask, key: str, policy: str,
     if raw.num_rows != counts["n_rows"]:
         raise PipelineError(f"{task.label}: read {raw.num_rows} rows, but the count query found "
                             f"{counts['n_rows']}: the table changed while it was extracted, or "
-                            f"the read lost or repeated rows; run again to extract the shard again")
+                            f"the read lost or repeated rows; run the extraction again to redo the shard")
     table, duplicates = sort_and_dedupe(raw, key, policy, task.label)
     table = conform(table, checkpoints.output_schema(task.spec, key), task.label)
     return PreparedShard(table, counts, duplicates)
