@@ -84,9 +84,22 @@ def window_from_options(start: str | None, end: str | None) -> Window | None:
     return window_from_dates(parse_date(start, "--start-date"), parse_date(end, "--end-date"))
 
 
-def window_covering(first_key: dt.datetime, last_key: dt.datetime) -> Window:
-    """The whole-day window that covers the keys ``first_key`` .. ``last_key``."""
-    return window_from_dates(first_key.astimezone(UTC).date(), last_key.astimezone(UTC).date())
+def window_covering(first_key: dt.datetime, last_key: dt.datetime, today: dt.date) -> Window:
+    """The whole-day window that covers the keys ``first_key`` .. ``last_key``, ending
+    with the day before ``today`` (UTC) at the latest.
+
+    A day not yet over is left out: its tables may still be appended to, so its rows
+    would differ from one run to the next under the same window (and between a shard's
+    count and its read), and its last minutes would join features not computed yet."""
+    first, last = first_key.astimezone(UTC).date(), last_key.astimezone(UTC).date()
+    if last >= today:
+        yesterday = today - dt.timedelta(days=1)
+        if first > yesterday:
+            raise PipelineError(
+                f"the targets cover only {first} .. {last}, no whole day before today "
+                f"({today}, UTC): give --start-date and --end-date to extract them")
+        last = yesterday
+    return window_from_dates(first, last)
 
 
 def shards(window: Window, shard_days: int = DEFAULT_SHARD_DAYS) -> list[Window]:

@@ -7,7 +7,7 @@ import sqlglot
 from pipelines import sql
 from pipelines.catalog import Column, TableSpec
 from pipelines.errors import PipelineError
-from pipelines.window import UTC, Window, shards, window_from_dates
+from pipelines.window import UTC, Window, shards, window_covering, window_from_dates
 
 SPEC = TableSpec("ds", "reg_eurusd", "pair", False, "reg",
                  (Column("slope", "reg_slope", "FLOAT64"), Column("select", "reg_select", "INT64")))
@@ -30,6 +30,57 @@ def test_bad_dates():
         window_from_dates(dt.date(2025, 2, 1), dt.date(2025, 1, 1))
     with pytest.raises(PipelineError):
         shards(window_from_dates(dt.date(2025, 1, 1), dt.date(2025, 1, 2)), 0)
+
+
+def test_the_default_window_leaves_out_a_day_not_yet_over():
+    def at(day, hour=0):
+        return dt.datetime(2026, 12, day, hour, tzinfo=UTC)
+
+    today = dt.date(2026, 12, 7)
+    through_6th = window_from_dates(dt.date(2026, 12, 1), dt.date(2026, 12, 6))
+    # Targets that end before today: every day they touch.
+    assert window_covering(at(1, 5), at(6, 23), today) == through_6th
+    # Reaching today, or keys stamped in the future: up to yesterday.
+    for last in (at(7), at(7, 13), at(9)):
+        assert window_covering(at(1, 5), last, today) == through_6th
+    with pytest.raises(PipelineError, match=r"cover only 2026-12-07 \.\. 2026-12-07, no whole "
+                                            r"day before today \(2026-12-07, UTC\): give --start-date"):
+        window_covering(at(7, 1), at(7, 13), today)
+
+
+def test_an_extraction_of_targets_still_appended_to_stops_at_yesterday(warehouse, tmp_path, caplog):
+    """A targets row stamped now (a table still being written to) does not pull today's
+    partial day into the default window."""
+    import logging
+    import shutil
+
+    from pipelines.catalog import load_catalog
+    from pipelines.extract.plan import default_window
+    from pipelines.sources import DuckDBSource
+
+    path = str(tmp_path / "w.duckdb")
+    shutil.copy(warehouse, path)
+    catalog = load_catalog()
+    before = DuckDBSource(path)
+    try:
+        settled = default_window(before, catalog, "eurusd")
+    finally:
+        before.close()
+    con = duckdb.connect(path)
+    con.execute(f"INSERT INTO {catalog.targets_dataset}.{catalog.targets_table_for('eurusd')} "
+                "(interval_time) VALUES (now())")
+    con.close()
+    source = DuckDBSource(path)
+    days = {dt.datetime.now(UTC).date()}  # and the next, should midnight pass meanwhile
+    try:
+        with caplog.at_level(logging.INFO, logger="pipelines.extract.plan"):
+            live = default_window(source, catalog, "eurusd")
+    finally:
+        source.close()
+    days.add(dt.datetime.now(UTC).date())
+    assert live.start == settled.start and live.end.time() == dt.time() and live.end.date() in days
+    last_day = live.end.date() - dt.timedelta(days=1)
+    assert f"window ends with {last_day}, the last whole day before today" in caplog.text
 
 
 def test_queries_parse_in_both_dialects_and_quote_identifiers():

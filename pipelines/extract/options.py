@@ -27,7 +27,8 @@ class ExtractOptions(PipelineOptions):
                             help="first day of the window, YYYY-MM-DD [START_DATE]")
         parser.add_argument("--end_date", "--end-date", dest="end_date", default=os.environ.get("END_DATE"),
                             help="last day of the window (included) [END_DATE]; without "
-                                 "both dates the window is the targets' whole range")
+                                 "both dates the window is the whole days the targets "
+                                 "cover, up to yesterday (UTC)")
         parser.add_argument("--catalog", default=os.environ.get("BQX_CATALOG"),
                             help="catalog TOML file [BQX_CATALOG]; default: the shipped one")
         parser.add_argument("--shard_days", "--shard-days", dest="shard_days", type=int,

@@ -54,14 +54,21 @@ def discover(source, catalog: Catalog, pair: str) -> list[TableSpec]:
 
 
 def default_window(source, catalog: Catalog, pair: str) -> Window:
-    """The whole days covered by the pair's targets (valid keys only)."""
+    """The whole days covered by the pair's targets (valid keys only) up to yesterday
+    in UTC (see :func:`pipelines.window.window_covering`)."""
     query = sql.key_range(catalog.targets_dataset, catalog.targets_table_for(pair),
                           catalog.key, min_valid_key(catalog), source.project)
     row = source.query_rows(query)[0]
     if row["first_key"] is None:
         raise PipelineError(f"targets table {catalog.targets_table_for(pair)} has no rows "
                             f"with {catalog.key} after {catalog.min_valid_key}")
-    return window_covering(row["first_key"], row["last_key"])
+    window = window_covering(row["first_key"], row["last_key"], dt.datetime.now(UTC).date())
+    if window.end <= row["last_key"]:
+        log.info("window ends with %s, the last whole day before today: the targets reach "
+                 "%s, and a day not yet over may still change (--start-date and --end-date "
+                 "choose another window)", (window.end - dt.timedelta(days=1)).date(),
+                 row["last_key"])
+    return window
 
 
 def build_tasks(catalog: Catalog, pair: str, specs: list[TableSpec], window: Window,
