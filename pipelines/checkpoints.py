@@ -21,6 +21,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 from typing import Any, Iterable
 
@@ -32,6 +33,8 @@ from pipelines.catalog import Column, TableSpec, check_identifier, check_output_
 from pipelines.errors import PipelineError, first_line
 from pipelines.schema import ARROW_TYPES, arrow_type
 from pipelines.window import Window
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 
@@ -328,8 +331,11 @@ def find_windows(root: str, pair: str) -> list[Window]:
 def load_manifest(root: str, pair: str, window: Window | None = None) -> Manifest:
     """The committed manifest of ``pair``; refuses (naming what is missing) otherwise.
 
-    Without ``window`` the pair must have exactly one committed window. The manifest is
-    checked as hostile input (:func:`manifest_problem`) before anything it names is read.
+    Without ``window`` it is the committed window that ends last: the default window
+    of an extraction run again on a later day ends later, and the merge that follows it
+    must take the new one. Two windows ending last (say a year and its last month) are
+    ambiguous and refused. The manifest is checked as hostile input
+    (:func:`manifest_problem`) before anything it names is read.
     """
     check_root(root)
     if window is None:
@@ -339,11 +345,18 @@ def load_manifest(root: str, pair: str, window: Window | None = None) -> Manifes
                 f"no committed extraction of pair {pair!r} under {root} "
                 f"(no {storage.join(root, 'pairs', pair, 'manifests', '*.SUCCESS')}); "
                 "run the extract job first")
-        if len(windows) > 1:
+        end = max(w.end for w in windows)
+        last = [w for w in windows if w.end == end]
+        if len(last) > 1:
             raise PipelineError(
-                f"pair {pair!r} has {len(windows)} extracted windows under {root} "
-                f"({', '.join(w.id for w in windows)}); choose one with --start-date/--end-date")
-        window = windows[0]
+                f"pair {pair!r} has {len(last)} extracted windows whose last day is "
+                f"{(end - dt.timedelta(days=1)).date()} under {root} "
+                f"({', '.join(w.id for w in last)}); choose one with --start-date/--end-date")
+        window = last[0]
+        if len(windows) > 1:
+            log.info("pair %s has %d extracted windows under %s; using the one ending last, "
+                     "%s (--start-date/--end-date choose another: %s)", pair, len(windows), root,
+                     window.id, ", ".join(w.id for w in windows if w != window))
     mpath, spath = manifest_path(root, pair, window), success_path(root, pair, window)
     if not storage.exists(mpath):
         raise PipelineError(f"manifest missing: {mpath}; run the extract job for "

@@ -395,8 +395,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--memory-budget", default=cli.env_default("MEMORY_BUDGET", budgets.DEFAULT_BUDGET),
                    help=f"peak memory to plan for [MEMORY_BUDGET] (default {budgets.DEFAULT_BUDGET})")
     p.add_argument("--start-date", default=cli.env_default("START_DATE"),
-                   help="window to merge when the pair has several extracted windows")
-    p.add_argument("--end-date", default=cli.env_default("END_DATE"))
+                   help="first day of the window to merge [START_DATE]; without both dates, "
+                        "the extracted window that ends last")
+    p.add_argument("--end-date", default=cli.env_default("END_DATE"),
+                   help="last day of the window to merge (included) [END_DATE]")
     p.add_argument("--catalog", default=cli.env_default("BQX_CATALOG"), help="catalog TOML file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--column-batch-size", default=cli.env_default("COLUMN_BATCH_SIZE"),
