@@ -100,8 +100,8 @@ def status_bytes(keys: tuple[str, ...] = ("VmRSS", "RssFile"), pid: int | str = 
 
 
 class _WriterWait(logging.Handler):
-    """Keeps the merge's figures of its column batches: seconds taken, and seconds its
-    reading and joining waited for the encoders."""
+    """Keeps the merges' figures of their column batches: seconds taken, and seconds
+    their reading and joining waited for the encoders."""
 
     def __init__(self):
         super().__init__(logging.INFO)
@@ -110,8 +110,9 @@ class _WriterWait(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         m = re.search(r"written in ([0-9.]+)s; reading and joining waited ([0-9.]+)s",
                       record.getMessage())
-        if m:
-            self.seconds = (float(m.group(1)), float(m.group(2)))
+        if m:  # summed over the merges of a process
+            taken, waited = self.seconds or (0.0, 0.0)
+            self.seconds = (taken + float(m.group(1)), waited + float(m.group(2)))
 
 
 class _Stages(logging.Handler):
@@ -166,7 +167,7 @@ def _merge_options(memory_budget: str | None, row_group_rows: int | None,
 
 def sample_merge(root: str, pair: str, output: str, method: str = "polars",
                  memory_budget: str | None = None, row_group_rows: int | None = None,
-                 column_batch_size: str | None = None) -> dict:
+                 column_batch_size: str | None = None, merges: int = 1) -> dict:
     """Merge ``root``'s extraction of ``pair`` into ``output`` in this process while
     sampling its memory; returns the sample at the RSS peak and the medians over the
     middle 80% of the run (bytes), the stage running at the peak and each stage's peak
@@ -176,7 +177,9 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
     batches took and waited for the encoders (``batches``, ``waited``), and the merge's
     user and system CPU seconds (``cpu``, with this sampler's own, which reads two small
     figures every 20 ms) and page faults (``faults``: minor ones, each a page the kernel
-    mapped in and zeroed)."""
+    mapped in and zeroed). With ``merges`` above 1 the same merge runs that many times
+    in a row in this process, every figure covers them all, and ``peak_after`` holds
+    the process's peak RSS (VmHWM) after each."""
     import pyarrow as pa
 
     from pipelines.merge import job
@@ -201,10 +204,15 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
     logging.getLogger("pipelines").addHandler(stages)
     sampler.start()
     before = resource.getrusage(resource.RUSAGE_SELF)
+    peak_after = []
     try:
-        code = job.run(["--pair", pair, "--method", method, "--checkpoint-root", root,
-                        "--output", output, "--overwrite"]
-                       + _merge_options(memory_budget, row_group_rows, column_batch_size))
+        for _ in range(merges):
+            code = job.run(["--pair", pair, "--method", method, "--checkpoint-root", root,
+                            "--output", output, "--overwrite"]
+                           + _merge_options(memory_budget, row_group_rows, column_batch_size))
+            if code != 0:
+                break
+            peak_after.append(status_bytes(("VmHWM",))["VmHWM"])
     finally:
         after = resource.getrusage(resource.RUSAGE_SELF)
         stop.set()
@@ -242,7 +250,8 @@ def sample_merge(root: str, pair: str, output: str, method: str = "polars",
             # what returning freed memory to the operating system costs in time.
             "cpu": (after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime),
             "faults": after.ru_minflt - before.ru_minflt,
-            "samples": len(samples), "batches": wait.seconds and wait.seconds[0],
+            "samples": len(samples), "peak_after": peak_after,
+            "batches": wait.seconds and wait.seconds[0],
             "waited": wait.seconds and wait.seconds[1]}
 
 
@@ -266,6 +275,9 @@ def _table(results: dict[tuple[int, str, str], dict]) -> str:
                 if r.get("row_groups") is not None:
                     stages += (f"; {r['row_groups']} row group(s), footer "
                                f"{r['footer'] / 2**20:.1f} MiB")
+                if len(r.get("peak_after") or ()) > 1:
+                    stages += ("; peak RSS after each merge: "
+                               + " / ".join(f"{b / 2**20:.0f}" for b in r["peak_after"]))
             lines.append((f"{rows:>8,} {budget:>8} {batch:>8} {which:>6} " + " ".join(
                 f"{r[which][f] / 2**20:>10.0f}" for f in FIELDS)
                 + (f"  {waited:>24}  {stages}" if which == "peak" else "")).rstrip())
@@ -295,6 +307,9 @@ def main(argv=None) -> int:
     p.add_argument("--cpus", type=int,
                    help="run each merge on this many cores (pinned); default all of them")
     p.add_argument("--method", default="polars", choices=("polars", "duckdb"))
+    p.add_argument("--merges", type=int, default=1,
+                   help="merges in a row in each measured process (default 1); above 1 the "
+                        "figures cover them all and the table adds the peak after each")
     p.add_argument("--pair", default="eurusd")
     p.add_argument("--work", help="folder for the data (default: a temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the generated data")
@@ -318,6 +333,8 @@ def main(argv=None) -> int:
         p.error(f"--row-group-rows must be at least 1, not {args.row_group_rows}")
     if args.shard_days < 1:
         p.error(f"--shard-days must be at least 1, not {args.shard_days}")
+    if args.merges < 1:
+        p.error(f"--merges must be at least 1, not {args.merges}")
     if args.tables is not None and args.tables < 1:
         p.error(f"--tables must be at least 1, not {args.tables}")
     cores = sorted(os.sched_getaffinity(0))
@@ -329,7 +346,7 @@ def main(argv=None) -> int:
             os.sched_setaffinity(0, cores[:args.cpus])
         result = sample_merge(args.one[0], args.pair, args.one[1], args.method,
                               (args.memory_budget or [None])[0], args.row_group_rows,
-                              (args.column_batch_size or [None])[0])
+                              (args.column_batch_size or [None])[0], args.merges)
         result["cpus"] = len(os.sched_getaffinity(0))
         print(json.dumps(result))
         return 0
@@ -352,7 +369,8 @@ def main(argv=None) -> int:
             for budget, batch in itertools.product(args.memory_budget or [None],
                                                    args.column_batch_size or [None]):
                 out = subprocess.run([sys.executable, "-m", "bench.memory", "--one", root, output,
-                                      "--pair", args.pair, "--method", args.method]
+                                      "--pair", args.pair, "--method", args.method,
+                                      "--merges", str(args.merges)]
                                      + (["--cpus", str(args.cpus)] if args.cpus else [])
                                      + _merge_options(budget, args.row_group_rows, batch),
                                      stdout=subprocess.PIPE, text=True)
@@ -377,7 +395,8 @@ def main(argv=None) -> int:
           + (f"; --row-group-rows {args.row_group_rows}" if args.row_group_rows else "")
           + (f"; shards of {args.shard_days} days" if args.shard_days != DEFAULT_SHARD_DAYS else "")
           + (f"; the targets and {args.tables} feature table(s)" if args.tables is not None else "")
-          + (f"; on {args.cpus} core(s)" if args.cpus else ""))
+          + (f"; on {args.cpus} core(s)" if args.cpus else "")
+          + (f"; {args.merges} merges in a row per process" if args.merges > 1 else ""))
     pools = sorted({r.get("pool", "?") for r in results.values()})
     print(f"Arrow's pool: {', '.join(pools)}; allocator settings: {settings}")
     print(_table(results))

@@ -100,3 +100,27 @@ def test_the_memory_benchmark_names_the_allocator_settings_it_ran_with():
                                "JE_ARROW_MALLOC_CONF": "oversize_threshold:262144"}) == (
         "ARROW_DEFAULT_MEMORY_POOL=system JE_ARROW_MALLOC_CONF=oversize_threshold:262144 "
         "MALLOC_MMAP_THRESHOLD_=65536")
+
+
+def test_the_memory_benchmark_repeats_a_merge_in_one_process(extracted, tmp_path):
+    """bench.memory --merges 2: the same merge twice in one process, with the process's
+    peak RSS after each (it can only grow), and the column batches of both counted."""
+    from bench import memory
+
+    once = memory.sample_merge(extracted, "eurusd", str(tmp_path / "a.parquet"))
+    twice = memory.sample_merge(extracted, "eurusd", str(tmp_path / "b.parquet"), merges=2)
+    first, second = twice["peak_after"]
+    assert 0 < first <= second and len(once["peak_after"]) == 1
+    assert (tmp_path / "b.parquet").exists()
+    table = memory._table({(2000, "1.5GiB", "budget's"): twice})
+    assert f"peak RSS after each merge: {first / 2**20:.0f} / {second / 2**20:.0f}" in table
+    assert "after each merge" not in memory._table({(2000, "1.5GiB", "budget's"): once})
+    # Each merge's line of its column batches adds to the figures.
+    import logging
+
+    wait = memory._WriterWait()
+    for taken, waited in ((2.5, 0.5), (3.0, 1.0)):
+        wait.emit(logging.LogRecord("m", logging.INFO, "", 0, "[merge] 7 column batches written "
+                                    f"in {taken}s; reading and joining waited {waited}s of it "
+                                    "for the encoders", None, None))
+    assert wait.seconds == (5.5, 1.5)
