@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import datetime as dt
 import errno
 import functools
 import os
@@ -532,8 +533,6 @@ def remove_stale_temporaries(final: str, min_age_seconds: float = STALE_TEMPORAR
     earlier (another machine may still be writing a newer one). Locally: the
     ``.{name}.tmp-{pid}-*`` files whose process no longer runs.
     """
-    import datetime as dt
-
     if not is_gcs(final):
         return _remove_dead_local_temporaries(final)
 
@@ -669,15 +668,43 @@ def list_files(prefix: str) -> list[str]:
     return sorted(out)
 
 
-def _list_gcs(prefix: str) -> Iterator[str]:
-    """Names (as ``gs://`` paths) of every object whose name starts with ``prefix``."""
+@dataclasses.dataclass(frozen=True)
+class FileInfo:
+    """A listed file: its path, size in bytes and when it was last written (UTC)."""
+
+    path: str
+    size: int
+    updated: dt.datetime
+
+
+def list_file_info(prefix: str) -> list[FileInfo]:
+    """:func:`list_files` with each file's size and last write time, from the same one
+    listing in a bucket (no request per object)."""
+    if is_gcs(prefix):
+        blobs = _list_gcs(prefix.rstrip("/") + "/", fields="items(name,size,updated),nextPageToken",
+                          blobs=True)
+        return sorted((FileInfo(path, int(blob.size or 0), blob.updated) for path, blob in blobs
+                       if TEMP_MARK not in path), key=lambda f: f.path)
+    out = []
+    for path in list_files(prefix):
+        with contextlib.suppress(FileNotFoundError):  # removed since the listing
+            st = os.stat(path)
+            out.append(FileInfo(path, st.st_size,
+                                dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc)))
+    return out
+
+
+def _list_gcs(prefix: str, fields: str = "items(name),nextPageToken", blobs: bool = False):
+    """Names (as ``gs://`` paths) of every object whose name starts with ``prefix``; with
+    ``blobs``, (path, blob) pairs whose blobs carry ``fields``."""
     from google.api_core import exceptions
 
     bucket, name = _split(prefix)
     try:
         for blob in _client().list_blobs(bucket, prefix=name or None, retry=gcs_retry(),
-                                         fields="items(name),nextPageToken"):
-            yield f"gs://{bucket}/{blob.name}"
+                                         fields=fields):
+            path = f"gs://{bucket}/{blob.name}"
+            yield (path, blob) if blobs else path
     except exceptions.NotFound:  # listing a bucket that exists never answers 404
         raise _no_bucket(bucket, prefix) from None
     except exceptions.GoogleAPIError as exc:

@@ -21,6 +21,16 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 
                           capture_output=True, text=True, timeout=timeout)
 
 
+def extract_window(warehouse: str, root: str, first_day: str, last_day: str, pair: str = PAIR,
+                   shard_days: int = 1) -> None:
+    """Extract ``pair`` from the DuckDB ``warehouse`` into ``root`` for the days
+    ``first_day`` .. ``last_day``; the extraction must succeed."""
+    proc = run_module("pipelines.extract", "--pair", pair, "--source", f"duckdb://{warehouse}",
+                      "--checkpoint-root", root, "--shard-days", str(shard_days),
+                      "--start-date", first_day, "--end-date", last_day)
+    assert proc.returncode == 0, proc.stderr
+
+
 def kill_module_when(module: str, args: list[str], ready, timeout: float = 120.0,
                      poll: float = 0.02) -> None:
     """Start ``python -m module args`` and SIGKILL it as soon as ``ready()`` holds (or it

@@ -63,6 +63,24 @@ def bq_emulator(tmp_path_factory, gcs_emulator):
         _stop(proc)
 
 
+def upload_tree(local_root: str, gs_root: str) -> int:
+    """Copy a local checkpoint tree into the emulated bucket, same relative paths; return
+    how many files."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage as gcs
+
+    bucket, _, prefix = gs_root[len("gs://"):].partition("/")
+    target = gcs.Client(project=PROJECT, credentials=AnonymousCredentials()).bucket(bucket)
+    count = 0
+    for folder, _dirs, files in os.walk(local_root):
+        for f in files:
+            path = os.path.join(folder, f)
+            rel = os.path.relpath(path, local_root).replace(os.sep, "/")
+            target.blob(f"{prefix}/{rel}").upload_from_filename(path)
+            count += 1
+    return count
+
+
 def clear_dir(path: str) -> None:
     """Remove a folder's contents (objects of an emulated bucket, for instance)."""
     shutil.rmtree(path, ignore_errors=True)

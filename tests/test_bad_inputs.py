@@ -8,7 +8,7 @@ import shutil
 import duckdb
 import pytest
 
-from conftest import PAIR, run_module
+from conftest import PAIR, extract_window, run_module
 from pipelines import checkpoints, storage
 
 
@@ -131,24 +131,17 @@ def test_merge_of_incomplete_extraction(ck, tmp_path):
     assert "extraction incomplete" in _error_line(proc)
 
 
-def _extract_window(warehouse, root, first_day, last_day):
-    proc = run_module("pipelines.extract", "--pair", PAIR, "--source", f"duckdb://{warehouse}",
-                      "--checkpoint-root", root, "--shard-days", "1",
-                      "--start-date", first_day, "--end-date", last_day)
-    assert proc.returncode == 0, proc.stderr
-
-
 def test_merge_takes_the_window_ending_last_and_refuses_two(warehouse, ck, tmp_path, caplog):
     """An extraction run again on a later day has a default window ending later, so the
     merge after it, given no dates, takes the committed window that ends last; two that
     end on the same day are ambiguous."""
     (default,) = checkpoints.find_windows(ck, PAIR)  # 2025-01-06 .. 2025-01-07
-    _extract_window(warehouse, ck, "2025-01-06", "2025-01-06")  # yesterday's, say
+    extract_window(warehouse, ck, "2025-01-06", "2025-01-06")  # yesterday's, say
     with caplog.at_level(logging.INFO, logger="pipelines.checkpoints"):
         assert checkpoints.load_manifest(ck, PAIR).window == default
     assert f"has 2 extracted windows under {ck}; using the one ending last, {default.id}" in caplog.text
 
-    _extract_window(warehouse, ck, "2025-01-07", "2025-01-07")  # ends with the default
+    extract_window(warehouse, ck, "2025-01-07", "2025-01-07")  # ends with the default
     before = _snapshot(ck)
     proc = _merge(ck, str(tmp_path / "o.parquet"))
     assert proc.returncode == 2

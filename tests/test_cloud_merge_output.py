@@ -22,7 +22,7 @@ import uuid
 import pytest
 
 from conftest import PAIR, ROOT, run_module
-from emulators import BUCKET, PROJECT, gcs_emulator  # noqa: F401 (fixture)
+from emulators import BUCKET, PROJECT, gcs_emulator, upload_tree  # noqa: F401 (fixture)
 from pipelines import checkpoints, storage
 from pipelines.errors import PipelineError
 from pipelines.merge import budget as budgets
@@ -44,20 +44,6 @@ def _names(prefix: str) -> list[str]:
     return sorted(b.name for b in _client().list_blobs(bucket, prefix=name))
 
 
-def _upload_tree(local_root: str, gs_root: str) -> int:
-    """Copy a local checkpoint tree into the bucket, same relative paths."""
-    bucket, _, prefix = gs_root[len("gs://"):].partition("/")
-    target = _client().bucket(bucket)
-    count = 0
-    for folder, _dirs, files in os.walk(local_root):
-        for f in files:
-            path = os.path.join(folder, f)
-            rel = os.path.relpath(path, local_root).replace(os.sep, "/")
-            target.blob(f"{prefix}/{rel}").upload_from_filename(path)
-            count += 1
-    return count
-
-
 def _report_path(output: str) -> str:
     return output[: -len(".parquet")] + ".validation.json"
 
@@ -72,7 +58,7 @@ def gcs(gcs_emulator):
 def cloud_ck(extracted, gcs):
     """The conftest's small committed extraction, uploaded to the emulated bucket."""
     root = f"gs://{BUCKET}/merge-output-{uuid.uuid4().hex[:8]}/ck"
-    assert _upload_tree(extracted, root) > 0
+    assert upload_tree(extracted, root) > 0
     return root
 
 

@@ -74,6 +74,14 @@ def test_atomic_write_read_checksum_list_delete(gcs_emulator, tmp_path):
     storage.write_bytes(storage.join(root, "c.json"), b"[1]")
     assert storage.read_bytes(storage.join(root, "c.json")) == b"[1]"
 
+    # With sizes and write times, from the same listing (what pipelines.prune reads).
+    before = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
+    infos = storage.list_file_info(root)
+    assert [f.path for f in infos] == storage.list_files(root)
+    assert [f.size for f in infos] == [2, storage.size(path), 3]
+    assert all(before < f.updated <= dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=1)
+               for f in infos)
+
     storage.delete(path)
     storage.delete(path)  # deleting what is not there is fine
     assert not storage.exists(path)

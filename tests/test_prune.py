@@ -1,0 +1,122 @@
+"""python -m pipelines.prune: the checkpoints of dropped windows go, whatever a kept window
+of any pair lists stays, and nothing else is touched."""
+import datetime as dt
+import os
+import uuid
+
+from conftest import PAIR, extract_window, run_module
+from emulators import BUCKET, gcs_emulator, upload_tree  # noqa: F401 (fixture)
+from pipelines import checkpoints, storage
+from pipelines.prune import PrunePlan, plan_prune
+from pipelines.window import UTC, window_from_dates
+
+OTHER = "gbpusd"
+
+
+def _files(root):
+    return {p: (storage.size(p), storage.crc32c(p)) for p in storage.list_files(root)}
+
+
+def _listed(root, pair, window):
+    """Every file a committed window consists of: shards, records, manifest, marker."""
+    manifest = checkpoints.load_manifest(root, pair, window)
+    paths = {checkpoints.manifest_path(root, pair, window), checkpoints.success_path(root, pair, window)}
+    for entry in manifest.tables:
+        for path in manifest.shard_files(entry):
+            paths.update((path, checkpoints.record_path(path)))
+    return paths
+
+
+def _prune(root, *args):
+    proc = run_module("pipelines.prune", "--checkpoint-root", root, *args)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_prune_removes_a_dropped_window_but_what_another_pair_needs(warehouse, tmp_path):
+    root = str(tmp_path / "ck")
+    # eurusd was extracted up to the 6th, then again a day later; gbpusd only up to the 6th.
+    extract_window(warehouse, root, "2025-01-06", "2025-01-06", shard_days=28)
+    extract_window(warehouse, root, "2025-01-06", "2025-01-07", shard_days=28)
+    extract_window(warehouse, root, "2025-01-06", "2025-01-06", pair=OTHER, shard_days=28)
+    old = window_from_dates(dt.date(2025, 1, 6), dt.date(2025, 1, 6))
+    new = window_from_dates(dt.date(2025, 1, 6), dt.date(2025, 1, 7))
+    dropped, kept = _listed(root, PAIR, old), _listed(root, PAIR, new) | _listed(root, OTHER, old)
+    assert dropped & kept, "the shared tables' shards of the dropped window are the other pair's too"
+    # Files that are not the layout's are never touched.
+    foreign = [os.path.join(root, "notes.txt"), os.path.join(root, "pairs", PAIR, "manifests", "readme.json")]
+    for path in foreign:
+        storage.write_bytes(path, b"mine")
+    before = _files(root)
+
+    # Fresh files stay by default; without --delete nothing changes.
+    assert "0 manifest file(s) of dropped windows and 0 shard file(s)" in _prune(root)
+    out = _prune(root, "--min-age-hours", "0")
+    assert "would be removed (pass --delete" in out and _files(root) == before
+
+    out = _prune(root, "--min-age-hours", "0", "--delete")
+    after = _files(root)
+    assert set(before) - set(after) == dropped - kept
+    assert all(after[p] == before[p] for p in after) and all(p in after for p in foreign)
+    assert f"2 manifest file(s) of dropped windows and {len(dropped - kept) - 2} shard file(s)" in out
+    for pair in (PAIR, OTHER):  # what is kept is still a whole, mergeable extraction
+        assert not checkpoints.verify_checkpoints(checkpoints.load_manifest(root, pair))
+    assert checkpoints.find_windows(root, PAIR) == [new]
+
+    # Again: nothing left to remove.
+    assert "0 manifest file(s) of dropped windows and 0 shard file(s)" in _prune(
+        root, "--min-age-hours", "0", "--delete")
+
+
+def test_prune_in_a_bucket(gcs_emulator, warehouse, tmp_path):
+    """The same in a bucket: one listing gives every object's age and size."""
+    local = str(tmp_path / "ck")
+    extract_window(warehouse, local, "2025-01-06", "2025-01-06", shard_days=28)
+    extract_window(warehouse, local, "2025-01-06", "2025-01-07", shard_days=28)
+    old = window_from_dates(dt.date(2025, 1, 6), dt.date(2025, 1, 6))
+    new = window_from_dates(dt.date(2025, 1, 6), dt.date(2025, 1, 7))
+    dropped = {checkpoints.relative(local, p) for p in _listed(local, PAIR, old) - _listed(local, PAIR, new)}
+    everything = {checkpoints.relative(local, p) for p in storage.list_files(local)}
+    root = f"gs://{BUCKET}/prune-{uuid.uuid4().hex[:8]}/ck"
+    assert upload_tree(local, root) == len(everything)
+
+    out = _prune(root, "--min-age-hours", "0", "--delete")
+    assert f"2 manifest file(s) of dropped windows and {len(dropped) - 2} shard file(s)" in out
+    assert {checkpoints.relative(root, p) for p in storage.list_files(root)} == everything - dropped
+    assert not checkpoints.verify_checkpoints(checkpoints.load_manifest(root, PAIR))
+
+
+def test_prune_refuses_when_a_kept_manifest_is_damaged(extracted, tmp_path):
+    import shutil
+
+    root = str(tmp_path / "ck")
+    shutil.copytree(extracted, root)
+    (window,) = checkpoints.find_windows(root, PAIR)
+    storage.write_bytes(checkpoints.manifest_path(root, PAIR, window), b"{not json")
+    before = _files(root)
+    proc = run_module("pipelines.prune", "--checkpoint-root", root, "--min-age-hours", "0", "--delete")
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "manifest" in errors[0] and window.id in errors[0], proc.stderr
+    assert _files(root) == before
+
+
+def test_removal_order_leaves_no_committed_window_without_its_files():
+    def info(path):
+        return storage.FileInfo(path, 1, dt.datetime(2025, 1, 1, tzinfo=UTC))
+
+    windows = [info("r/pairs/p/manifests/w.json"), info("r/pairs/p/manifests/w.SUCCESS")]
+    shards = [info("r/shared/t/s.parquet"), info("r/shared/t/s.json")]
+    order = [f.path for f in PrunePlan({}, windows, shards, 0).removals()]
+    assert order == ["r/pairs/p/manifests/w.SUCCESS", "r/pairs/p/manifests/w.json",
+                     "r/shared/t/s.json", "r/shared/t/s.parquet"]
+
+
+def test_bad_prune_options(tmp_path):
+    import pytest
+    from pipelines.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="--keep-windows must be at least 1"):
+        plan_prune(str(tmp_path), keep_windows=0)
+    with pytest.raises(PipelineError, match="--min-age-hours must not be negative"):
+        plan_prune(str(tmp_path), min_age_hours=-1)
