@@ -92,6 +92,9 @@ def plan_prune(root: str, keep_windows: int = 1, min_age_hours: float = DEFAULT_
             window_files.setdefault(pair, []).append((window, f))
         elif kind == "shard":
             shard_files.append((relpath, f))
+    if not window_files and not shard_files:
+        raise PipelineError(f"no checkpoints under {root}: give the extract job's "
+                            f"--checkpoint-root")
     kept: dict[str, list[Window]] = {}
     needed: set[str] = set()  # paths relative to the root, as manifests list them
     for pair, entries in sorted(window_files.items()):

@@ -120,3 +120,10 @@ def test_bad_prune_options(tmp_path):
         plan_prune(str(tmp_path), keep_windows=0)
     with pytest.raises(PipelineError, match="--min-age-hours must not be negative"):
         plan_prune(str(tmp_path), min_age_hours=-1)
+    # A root that holds no checkpoints is most likely the wrong one.
+    (tmp_path / "notes.txt").write_text("mine")
+    proc = run_module("pipelines.prune", "--checkpoint-root", str(tmp_path / "nope"))
+    assert proc.returncode == 2 and f"error: no checkpoints under {tmp_path / 'nope'}" in proc.stderr
+    with pytest.raises(PipelineError, match="no checkpoints under"):
+        plan_prune(str(tmp_path))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
