@@ -328,6 +328,15 @@ def find_windows(root: str, pair: str) -> list[Window]:
     return sorted(out)
 
 
+def windows_ending_last(windows: Iterable[Window], days: int = 1) -> list[Window]:
+    """The ``windows`` whose end is one of the ``days`` latest ends among them, in order:
+    every window ending on one of those days, so that windows ending together are
+    never told apart by anything else."""
+    windows = set(windows)
+    ends = sorted({w.end for w in windows}, reverse=True)[:days]
+    return sorted(w for w in windows if w.end in ends)
+
+
 def load_manifest(root: str, pair: str, window: Window | None = None) -> Manifest:
     """The committed manifest of ``pair``; refuses (naming what is missing) otherwise.
 
@@ -345,12 +354,11 @@ def load_manifest(root: str, pair: str, window: Window | None = None) -> Manifes
                 f"no committed extraction of pair {pair!r} under {root} "
                 f"(no {storage.join(root, 'pairs', pair, 'manifests', '*.SUCCESS')}); "
                 "run the extract job first")
-        end = max(w.end for w in windows)
-        last = [w for w in windows if w.end == end]
+        last = windows_ending_last(windows)
         if len(last) > 1:
             raise PipelineError(
                 f"pair {pair!r} has {len(last)} extracted windows whose last day is "
-                f"{(end - dt.timedelta(days=1)).date()} under {root} "
+                f"{(last[0].end - dt.timedelta(days=1)).date()} under {root} "
                 f"({', '.join(w.id for w in last)}); choose one with --start-date/--end-date")
         window = last[0]
         if len(windows) > 1:

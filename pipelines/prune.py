@@ -98,9 +98,8 @@ def plan_prune(root: str, keep_windows: int = 1, min_age_hours: float = DEFAULT_
     kept: dict[str, list[Window]] = {}
     needed: set[str] = set()  # paths relative to the root, as manifests list them
     for pair, entries in sorted(window_files.items()):
-        committed = {w for w, f in entries if f.path.endswith(".SUCCESS")}
-        last_days = sorted({w.end for w in committed}, reverse=True)[:keep_windows]
-        kept[pair] = sorted(w for w in committed if w.end in last_days)
+        kept[pair] = checkpoints.windows_ending_last(
+            (w for w, f in entries if f.path.endswith(".SUCCESS")), keep_windows)
         for window in kept[pair]:
             manifest = checkpoints.load_manifest(root, pair, window)
             for entry in manifest.tables:
@@ -113,9 +112,9 @@ def plan_prune(root: str, keep_windows: int = 1, min_age_hours: float = DEFAULT_
                      sum(f.updated > cutoff for f in unused))
 
 
-def apply(plan: PrunePlan) -> None:
-    """Remove the plan's files, in :meth:`PrunePlan.removals` order, with progress."""
-    removals = plan.removals()
+def apply(removals: list[storage.FileInfo]) -> None:
+    """Remove ``removals`` (a plan's :meth:`PrunePlan.removals`) in their order, with
+    progress."""
     progress = cli.Progress("prune", len(removals), "files")
     try:
         for done, f in enumerate(removals, start=1):
@@ -150,16 +149,17 @@ def run(argv: list[str] | None = None) -> int:
     cli.setup_logging(args.verbose)
     root = storage.resolve_local(args.checkpoint_root or checkpoints.default_checkpoint_root())
     plan = plan_prune(root, args.keep_windows, args.min_age_hours)
+    removals = plan.removals()
     for pair, windows in plan.kept.items():
         log.info("[prune] %s: keeping %s", pair, ", ".join(w.id for w in windows) or "nothing")
-    for f in plan.removals()[:20]:
+    for f in removals[:20]:
         log.info("[prune] %s %s", "remove" if args.delete else "would remove", f.path)
-    nbytes = sum(f.size for f in plan.removals())
     if args.delete:
-        apply(plan)
+        apply(removals)
     verb = "removed" if args.delete else "would be removed (pass --delete to remove them)"
     print(f"{root}: {len(plan.windows)} manifest file(s) of dropped windows and "
-          f"{len(plan.shards)} shard file(s), {nbytes / 2**30:.2f} GiB, {verb}; "
+          f"{len(plan.shards)} shard file(s), {sum(f.size for f in removals) / 2**30:.2f} GiB, "
+          f"{verb}; "
           f"{plan.too_new} unlisted file(s) newer than {args.min_age_hours:g} h left")
     return cli.EXIT_OK
 

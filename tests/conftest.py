@@ -21,6 +21,14 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 
                           capture_output=True, text=True, timeout=timeout)
 
 
+def file_states(root: str) -> dict:
+    """Every file under ``root`` (a folder or ``gs://`` prefix) with its size and CRC32C:
+    compared before and after, it shows that nothing was lost or changed."""
+    from pipelines import storage
+
+    return {p: (storage.size(p), storage.crc32c(p)) for p in storage.list_files(root)}
+
+
 def extract_window(warehouse: str, root: str, first_day: str, last_day: str, pair: str = PAIR,
                    shard_days: int = 1) -> None:
     """Extract ``pair`` from the DuckDB ``warehouse`` into ``root`` for the days

@@ -8,7 +8,7 @@ import shutil
 import duckdb
 import pytest
 
-from conftest import PAIR, extract_window, run_module
+from conftest import PAIR, extract_window, file_states, run_module
 from pipelines import checkpoints, storage
 
 
@@ -16,10 +16,6 @@ def _error_line(proc):
     lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
     assert len(lines) == 1, proc.stderr
     return lines[0]
-
-
-def _snapshot(root):
-    return {p: (storage.size(p), storage.crc32c(p)) for p in storage.list_files(root)}
 
 
 @pytest.fixture
@@ -142,13 +138,13 @@ def test_merge_takes_the_window_ending_last_and_refuses_two(warehouse, ck, tmp_p
     assert f"has 2 extracted windows under {ck}; using the one ending last, {default.id}" in caplog.text
 
     extract_window(warehouse, ck, "2025-01-07", "2025-01-07")  # ends with the default
-    before = _snapshot(ck)
+    before = file_states(ck)
     proc = _merge(ck, str(tmp_path / "o.parquet"))
     assert proc.returncode == 2
     line = _error_line(proc)
     assert "has 2 extracted windows whose last day is 2025-01-07" in line
     assert default.id in line and "--start-date/--end-date" in line
-    assert _snapshot(ck) == before and not os.path.exists(tmp_path / "o.parquet")
+    assert file_states(ck) == before and not os.path.exists(tmp_path / "o.parquet")
 
 
 def _first_feature_shard(root, table=1):

@@ -4,17 +4,13 @@ import datetime as dt
 import os
 import uuid
 
-from conftest import PAIR, extract_window, run_module
+from conftest import PAIR, extract_window, file_states, run_module
 from emulators import BUCKET, gcs_emulator, upload_tree  # noqa: F401 (fixture)
 from pipelines import checkpoints, storage
 from pipelines.prune import PrunePlan, plan_prune
 from pipelines.window import UTC, window_from_dates
 
 OTHER = "gbpusd"
-
-
-def _files(root):
-    return {p: (storage.size(p), storage.crc32c(p)) for p in storage.list_files(root)}
 
 
 def _listed(root, pair, window):
@@ -47,15 +43,15 @@ def test_prune_removes_a_dropped_window_but_what_another_pair_needs(warehouse, t
     foreign = [os.path.join(root, "notes.txt"), os.path.join(root, "pairs", PAIR, "manifests", "readme.json")]
     for path in foreign:
         storage.write_bytes(path, b"mine")
-    before = _files(root)
+    before = file_states(root)
 
     # Fresh files stay by default; without --delete nothing changes.
     assert "0 manifest file(s) of dropped windows and 0 shard file(s)" in _prune(root)
     out = _prune(root, "--min-age-hours", "0")
-    assert "would be removed (pass --delete" in out and _files(root) == before
+    assert "would be removed (pass --delete" in out and file_states(root) == before
 
     out = _prune(root, "--min-age-hours", "0", "--delete")
-    after = _files(root)
+    after = file_states(root)
     assert set(before) - set(after) == dropped - kept
     assert all(after[p] == before[p] for p in after) and all(p in after for p in foreign)
     assert f"2 manifest file(s) of dropped windows and {len(dropped - kept) - 2} shard file(s)" in out
@@ -93,12 +89,12 @@ def test_prune_refuses_when_a_kept_manifest_is_damaged(extracted, tmp_path):
     shutil.copytree(extracted, root)
     (window,) = checkpoints.find_windows(root, PAIR)
     storage.write_bytes(checkpoints.manifest_path(root, PAIR, window), b"{not json")
-    before = _files(root)
+    before = file_states(root)
     proc = run_module("pipelines.prune", "--checkpoint-root", root, "--min-age-hours", "0", "--delete")
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "manifest" in errors[0] and window.id in errors[0], proc.stderr
-    assert _files(root) == before
+    assert file_states(root) == before
 
 
 def test_removal_order_leaves_no_committed_window_without_its_files():
@@ -110,6 +106,19 @@ def test_removal_order_leaves_no_committed_window_without_its_files():
     order = [f.path for f in PrunePlan({}, windows, shards, 0).removals()]
     assert order == ["r/pairs/p/manifests/w.SUCCESS", "r/pairs/p/manifests/w.json",
                      "r/shared/t/s.json", "r/shared/t/s.parquet"]
+
+
+def test_windows_kept_are_those_ending_on_the_latest_days():
+    """--keep-windows N keeps every window ending on one of the N latest end days (the
+    merge's choice is N = 1, where two windows ending together are ambiguous)."""
+    def days(first, last):
+        return window_from_dates(dt.date(2025, 1, first), dt.date(2025, 1, last))
+
+    windows = [days(1, 5), days(3, 5), days(1, 4), days(1, 3)]
+    assert checkpoints.windows_ending_last(windows) == [days(1, 5), days(3, 5)]
+    assert checkpoints.windows_ending_last(windows, 2) == [days(1, 4), days(1, 5), days(3, 5)]
+    assert checkpoints.windows_ending_last(windows, 9) == sorted(windows)
+    assert checkpoints.windows_ending_last([]) == []
 
 
 def test_bad_prune_options(tmp_path):
