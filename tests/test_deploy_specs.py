@@ -58,7 +58,7 @@ def test_every_yaml_parses():
 EXPECTED = {
     #          cpu  memory  timeout retries parallelism
     "extract": ("4", "8Gi", 7200, 3, range(1, 29)),
-    "merge": ("1", "2Gi", 1800, 3, range(28, 29)),
+    "merge": ("1", "2Gi", 10800, 3, range(28, 29)),
 }
 
 
@@ -250,8 +250,18 @@ def test_workflow_runs_extract_then_merge_per_pair_in_parallel():
     assert run["call"] == "googleapis.run.v2.projects.locations.jobs.run"
     overrides = run["args"]["body"]["overrides"]
     assert overrides["taskCount"] == 1
-    assert overrides["containerOverrides"][0]["env"] == [{"name": "PAIR", "value": "${pair}"}]
-    start = wf["run_job"]["steps"][0]["start"]
+    assert overrides["containerOverrides"][0]["env"] == "${env}"
+    # The environment: PAIR, and the window's dates only when the run was given them.
+    assert wf["run_job"]["params"] == ["job", "pair", "dates"]
+    environment, window = wf["run_job"]["steps"][:2]
+    pair_env = {"name": "PAIR", "value": "${pair}"}
+    assert environment["environment"]["assign"] == [{"env": [pair_env]}]
+    (with_dates,) = window["window"]["switch"]
+    assert with_dates["condition"] == "${dates != null}"
+    assert with_dates["assign"] == [{"env": [
+        pair_env, {"name": "START_DATE", "value": "${dates.start}"},
+        {"name": "END_DATE", "value": "${dates.end}"}]}]
+    start = wf["run_job"]["steps"][2]["start"]
     assert start["except"]["as"] == "e"
     # Success means a succeeded task, not merely no exception.
     assert "succeededCount" in json.dumps(wf["run_job"])
@@ -271,6 +281,19 @@ def test_workflow_runs_extract_then_merge_per_pair_in_parallel():
     extract_calls = [n for _p, n in walk(branch[0]) if n.get("call") == "run_job"]
     assert [c["args"]["job"] for c in extract_calls] == ["${extract_job}"]
     assert "results[pair]" in branch[2]["record"]["assign"][0]
+
+    # Every job execution, the seed's included, gets the run's one window; a run given
+    # one date without the other is refused before any execution starts.
+    job_calls = [n for _p, n in walk(wf["main"]) if n.get("call") == "run_job"]
+    assert len(job_calls) == 3
+    assert all(c["args"]["dates"] == "${dates}" for c in job_calls)
+    step_names = [next(iter(s)) for s in wf["main"]["steps"]]
+    assert step_names.index("check_dates") < step_names.index("seed")
+    check = wf["main"]["steps"][step_names.index("check_dates")]["check_dates"]["switch"]
+    assert check[0]["condition"] == "${start_date != null and end_date != null}"
+    assert check[0]["assign"] == [{"dates": {"start": "${start_date}", "end": "${end_date}"}}]
+    assert check[1]["condition"] == "${start_date != null or end_date != null}"
+    assert "raise" in check[1]
 
 
 # --- deploy.sh -------------------------------------------------------------------------
