@@ -147,6 +147,11 @@ def read_stream(reader, name: str):
             if silent > retry_timing().deadline:
                 raise PipelineError(f"Storage Read API stream {name} sent no rows for "
                                     f"{silent:.0f} s: {first_line(exc)}") from None
+            # The offset may equal the stream's row count when the deadline fell after its
+            # last message. The API reference ("must be less than the last row read; a
+            # larger offset is undefined") leaves that case unclear; the library's own
+            # resumption (ReadRowsStream._reconnect) sends the same request after a
+            # failure there, so this does what it does. Unverified on real BigQuery.
             log.info("Storage Read API stream %s at its %g s deadline; reading on from row %d",
                      name, seconds, offset)
 
