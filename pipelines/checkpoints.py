@@ -32,7 +32,7 @@ from pipelines import storage
 from pipelines.catalog import Column, TableSpec, check_identifier, check_output_columns
 from pipelines.errors import PipelineError, first_line
 from pipelines.schema import ARROW_TYPES, arrow_type
-from pipelines.window import Window
+from pipelines.window import Window, length_days
 
 log = logging.getLogger(__name__)
 
@@ -337,34 +337,49 @@ def windows_ending_last(windows: Iterable[Window], days: int = 1) -> list[Window
     return sorted(w for w in windows if w.end in ends)
 
 
-def load_manifest(root: str, pair: str, window: Window | None = None) -> Manifest:
+def load_manifest(root: str, pair: str, window: Window | None = None,
+                  days: int | None = None) -> Manifest:
     """The committed manifest of ``pair``; refuses (naming what is missing) otherwise.
 
     Without ``window`` it is the committed window that ends last: the default window
     of an extraction run again on a later day ends later, and the merge that follows it
     must take the new one. Two windows ending last (say a year and its last month) are
-    ambiguous and refused. The manifest is checked as hostile input
-    (:func:`manifest_problem`) before anything it names is read.
+    ambiguous and refused, unless ``days`` is given: then only windows of at most
+    ``days`` days count, and of those ending last the longest is taken (what an
+    extraction with ``--days`` commits: that many days, or fewer when the targets cover
+    fewer). The manifest is checked as hostile input (:func:`manifest_problem`) before
+    anything it names is read.
     """
     check_root(root)
     if window is None:
-        windows = find_windows(root, pair)
+        committed = windows = find_windows(root, pair)
         if not windows:
             raise PipelineError(
                 f"no committed extraction of pair {pair!r} under {root} "
                 f"(no {storage.join(root, 'pairs', pair, 'manifests', '*.SUCCESS')}); "
                 "run the extract job first")
+        if days is not None:
+            windows = [w for w in windows if length_days(w) <= days]
+            if not windows:
+                raise PipelineError(
+                    f"pair {pair!r} has no extracted window of at most {days} days under "
+                    f"{root}; run the extract job with --days {days}")
         last = windows_ending_last(windows)
+        if days is not None:
+            last = [max(last, key=length_days)]
         if len(last) > 1:
             raise PipelineError(
                 f"pair {pair!r} has {len(last)} extracted windows whose last day is "
                 f"{(last[0].end - dt.timedelta(days=1)).date()} under {root} "
-                f"({', '.join(w.id for w in last)}); choose one with --start-date/--end-date")
+                f"({', '.join(w.id for w in last)}); choose one with --start-date/--end-date "
+                "or --days")
         window = last[0]
-        if len(windows) > 1:
-            log.info("pair %s has %d extracted windows under %s; using the one ending last, "
-                     "%s (--start-date/--end-date choose another: %s)", pair, len(windows), root,
-                     window.id, ", ".join(w.id for w in windows if w != window))
+        if len(committed) > 1:
+            rule = "the one ending last" if days is None else \
+                f"the longest of at most {days} days among those ending last"
+            log.info("pair %s has %d extracted windows under %s; using %s, %s "
+                     "(--start-date/--end-date choose another: %s)", pair, len(committed), root,
+                     rule, window.id, ", ".join(w.id for w in committed if w != window))
     mpath, spath = manifest_path(root, pair, window), success_path(root, pair, window)
     if not storage.exists(mpath):
         raise PipelineError(f"manifest missing: {mpath}; run the extract job for "

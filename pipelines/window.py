@@ -75,8 +75,15 @@ def window_from_dates(start: dt.date, end: dt.date) -> Window:
     )
 
 
-def window_from_options(start: str | None, end: str | None) -> Window | None:
-    """The window of ``--start-date``/``--end-date`` (both or neither; None for neither)."""
+def window_from_options(start: str | None, end: str | None,
+                        days: int | None = None) -> Window | None:
+    """The window of ``--start-date``/``--end-date`` (both or neither; None for neither).
+    ``--days`` (``days``) chooses a window too, so it cannot come with the dates."""
+    if days is not None:
+        if days < 1:
+            raise PipelineError(f"--days must be at least 1, not {days}")
+        if start or end:
+            raise PipelineError("give --days or --start-date/--end-date, not both")
     if not (start or end):
         return None
     if not (start and end):
@@ -100,6 +107,16 @@ def window_covering(first_key: dt.datetime, last_key: dt.datetime, today: dt.dat
                 f"({today}, UTC): give --start-date and --end-date to extract them")
         last = yesterday
     return window_from_dates(first, last)
+
+
+def last_days(window: Window, days: int) -> Window:
+    """The last ``days`` whole days of ``window`` (all of it when it is shorter)."""
+    return Window(max(window.start, window.end - dt.timedelta(days=days)), window.end)
+
+
+def length_days(window: Window) -> float:
+    """How many days ``window`` spans."""
+    return (window.end - window.start) / dt.timedelta(days=1)
 
 
 def shards(window: Window, shard_days: int = DEFAULT_SHARD_DAYS) -> list[Window]:

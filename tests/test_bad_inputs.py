@@ -1,15 +1,19 @@
 """Bad input gets one clear error line naming the culprit, a non-zero exit, and leaves
 everything already written as it was."""
+import datetime as dt
 import json
 import logging
 import os
 import shutil
 
 import duckdb
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import PAIR, extract_window, file_states, run_module
 from pipelines import checkpoints, storage
+from pipelines.errors import PipelineError
+from pipelines.window import window_from_dates
 
 
 def _error_line(proc):
@@ -41,6 +45,16 @@ def test_extract_refuses_bad_pairs(pair, expected, warehouse, tmp_path):
                       "--checkpoint-root", str(tmp_path))
     assert proc.returncode == 2
     assert expected in _error_line(proc)
+    assert os.listdir(tmp_path) == []
+
+
+def test_extract_help_lists_the_jobs_own_options(tmp_path):
+    """Beam's parser alone prints only --help; the job prints its options and creates
+    nothing (no sample warehouse, no checkpoints)."""
+    proc = run_module("pipelines.extract", "--help", env={"BQX_DATA_DIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    for text in ("--pair PAIR", "--days N", "[WINDOW_DAYS]", "--checkpoint-root", "--runner"):
+        assert text in proc.stdout
     assert os.listdir(tmp_path) == []
 
 
@@ -147,6 +161,49 @@ def test_merge_takes_the_window_ending_last_and_refuses_two(warehouse, ck, tmp_p
     assert file_states(ck) == before and not os.path.exists(tmp_path / "o.parquet")
 
 
+def test_days_extracts_and_merges_the_last_days_of_the_targets(warehouse, ck, tmp_path):
+    """--days N (WINDOW_DAYS) takes the last N days of the default window. The merge
+    given the same N takes that window even when another one ends the same day; --days
+    with dates, or below 1, is refused in one line by both jobs."""
+    (default,) = checkpoints.find_windows(ck, PAIR)  # 2025-01-06 .. 2025-01-07
+    with pytest.raises(PipelineError, match="no extracted window of at most 1 days"):
+        checkpoints.load_manifest(ck, PAIR, days=1)
+
+    proc = run_module("pipelines.extract", "--pair", PAIR, "--source", f"duckdb://{warehouse}",
+                      "--checkpoint-root", ck, "--shard-days", "1", env={"WINDOW_DAYS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "window: the last 1 days the targets cover, 2025-01-07 .. 2025-01-07 (--days)" in proc.stderr
+    last_day = window_from_dates(dt.date(2025, 1, 7), dt.date(2025, 1, 7))
+    assert sorted(checkpoints.find_windows(ck, PAIR)) == [default, last_day]
+
+    # Both end on 2025-01-07: without --days that is ambiguous; with it, the longest of
+    # at most N days.
+    with pytest.raises(PipelineError, match="2 extracted windows whose last day is 2025-01-07"):
+        checkpoints.load_manifest(ck, PAIR)
+    assert checkpoints.load_manifest(ck, PAIR, days=1).window == last_day
+    assert checkpoints.load_manifest(ck, PAIR, days=2).window == default
+    assert checkpoints.load_manifest(ck, PAIR, days=30).window == default
+
+    out = str(tmp_path / "o.parquet")
+    proc = _merge(ck, out, env={"WINDOW_DAYS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert f"using the longest of at most 1 days among those ending last, {last_day.id}" in proc.stderr
+    spine = checkpoints.load_manifest(ck, PAIR, days=1).targets["rows"]
+    assert pq.read_metadata(out).num_rows == spine
+
+    before = file_states(ck)
+    bad = ((["--days", "1", "--start-date", "2025-01-07", "--end-date", "2025-01-07"],
+            "give --days or --start-date/--end-date, not both"),
+           (["--days", "0"], "--days must be at least 1, not 0"))
+    for args, expected in bad:
+        for module, extra in (("pipelines.merge", ["--output", str(tmp_path / "x.parquet")]),
+                              ("pipelines.extract", ["--source", f"duckdb://{warehouse}"])):
+            proc = run_module(module, "--pair", PAIR, "--checkpoint-root", ck, *extra, *args)
+            assert proc.returncode == 2, proc.stderr
+            assert expected in _error_line(proc)
+    assert file_states(ck) == before and not os.path.exists(tmp_path / "x.parquet")
+
+
 def _first_feature_shard(root, table=1):
     """The first shard of the manifest's ``table`` (0: the targets, 1: the first features)."""
     manifest = checkpoints.load_manifest(root, PAIR)
@@ -181,7 +238,6 @@ def test_merge_refuses_damaged_checkpoints(ck, tmp_path, damage, expected, table
 def test_merge_refuses_schema_drift_even_with_a_forged_record(ck, tmp_path):
     """A shard replaced by one of another schema, with its record edited to match."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     shard = _first_feature_shard(ck)
     table = pq.read_table(shard)
@@ -270,7 +326,6 @@ def test_merge_refuses_spine_keys_that_disagree_with_the_manifest(ck, tmp_path):
     targets shard rewritten after the preflight, which checked them) are refused before
     anything is written, not cut wrong. The preflight is skipped here by calling the
     row-group loop directly with the manifest's count changed in memory."""
-    from pipelines.errors import PipelineError
     from pipelines.merge import budget, job
     from pipelines.merge.join_polars import PolarsJoin
 

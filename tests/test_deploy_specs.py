@@ -232,7 +232,7 @@ def walk(node, path=()):
             yield from walk(v, path + (i,))
 
 
-def test_workflow_runs_extract_then_merge_per_pair_in_parallel():
+def test_workflow_runs_extract_then_merge_per_pair_in_parallel(monkeypatch):
     wf = load(os.path.join("deploy", "workflow.yaml"))
     assert set(wf) == {"main", "run_job"}
     assert wf["main"]["params"] == ["args"]
@@ -251,16 +251,13 @@ def test_workflow_runs_extract_then_merge_per_pair_in_parallel():
     overrides = run["args"]["body"]["overrides"]
     assert overrides["taskCount"] == 1
     assert overrides["containerOverrides"][0]["env"] == "${env}"
-    # The environment: PAIR, and the window's dates only when the run was given them.
-    assert wf["run_job"]["params"] == ["job", "pair", "dates"]
+    # The environment: PAIR, then the run's window variables, if any.
+    assert wf["run_job"]["params"] == ["job", "pair", "window_env"]
     environment, window = wf["run_job"]["steps"][:2]
-    pair_env = {"name": "PAIR", "value": "${pair}"}
-    assert environment["environment"]["assign"] == [{"env": [pair_env]}]
-    (with_dates,) = window["window"]["switch"]
-    assert with_dates["condition"] == "${dates != null}"
-    assert with_dates["assign"] == [{"env": [
-        pair_env, {"name": "START_DATE", "value": "${dates.start}"},
-        {"name": "END_DATE", "value": "${dates.end}"}]}]
+    assert environment["environment"]["assign"] == [{"env": [{"name": "PAIR", "value": "${pair}"}]}]
+    assert window["window"]["for"]["in"] == "${window_env}"
+    assert window["window"]["for"]["steps"] == [
+        {"add_entry": {"assign": [{"env": "${list.concat(env, entry)}"}]}}]
     start = wf["run_job"]["steps"][2]["start"]
     assert start["except"]["as"] == "e"
     # Success means a succeeded task, not merely no exception.
@@ -282,18 +279,40 @@ def test_workflow_runs_extract_then_merge_per_pair_in_parallel():
     assert [c["args"]["job"] for c in extract_calls] == ["${extract_job}"]
     assert "results[pair]" in branch[2]["record"]["assign"][0]
 
-    # Every job execution, the seed's included, gets the run's one window; a run given
-    # one date without the other is refused before any execution starts.
+    # Every job execution, the seed's included, gets the run's one window: dates or
+    # days (WINDOW_DAYS), never both, never one date alone; refused before any execution.
     job_calls = [n for _p, n in walk(wf["main"]) if n.get("call") == "run_job"]
     assert len(job_calls) == 3
-    assert all(c["args"]["dates"] == "${dates}" for c in job_calls)
+    assert all(c["args"]["window_env"] == "${window_env}" for c in job_calls)
     step_names = [next(iter(s)) for s in wf["main"]["steps"]]
-    assert step_names.index("check_dates") < step_names.index("seed")
-    check = wf["main"]["steps"][step_names.index("check_dates")]["check_dates"]["switch"]
-    assert check[0]["condition"] == "${start_date != null and end_date != null}"
-    assert check[0]["assign"] == [{"dates": {"start": "${start_date}", "end": "${end_date}"}}]
-    assert check[1]["condition"] == "${start_date != null or end_date != null}"
-    assert "raise" in check[1]
+    assert step_names.index("check_window") < step_names.index("seed")
+    check = wf["main"]["steps"][step_names.index("check_window")]["check_window"]["switch"]
+    assert check[0]["condition"] == "${days != null and (start_date != null or end_date != null)}"
+    assert "raise" in check[0]
+    assert check[1]["condition"] == "${start_date != null and end_date != null}"
+    assert check[1]["assign"] == [{"window_env": [
+        {"name": "START_DATE", "value": "${start_date}"},
+        {"name": "END_DATE", "value": "${end_date}"}]}]
+    assert check[2]["condition"] == "${start_date != null or end_date != null}"
+    assert "raise" in check[2]
+    assert check[3]["condition"] == "${days != null}"
+    assert check[3]["assign"] == [{"window_env": [
+        {"name": "WINDOW_DAYS", "value": "${string(int(days))}"}]}]
+    # The variables the workflow sets are the ones both jobs read.
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.extract.options import ExtractOptions
+    from pipelines.merge.job import parse_args
+
+    names = {"START_DATE": ("2025-01-06", "start_date"), "END_DATE": ("2025-01-07", "end_date"),
+             "WINDOW_DAYS": ("70", "days")}
+    for name, (value, _attr) in names.items():
+        monkeypatch.setenv(name, value)
+    extract = PipelineOptions([]).view_as(ExtractOptions)
+    merge = parse_args(["eurusd"])
+    for _name, (value, attr) in names.items():
+        expected = int(value) if attr == "days" else value
+        assert getattr(extract, attr) == expected == getattr(merge, attr)
 
 
 # --- deploy.sh -------------------------------------------------------------------------

@@ -138,6 +138,21 @@ def test_window_from_options_both_or_neither():
         window_from_options("2025-01-06", None)
     with pytest.raises(PipelineError, match="not a date"):
         window_from_options("2025-13-01", "2025-01-06")
+    # --days chooses among default windows, so it goes without dates.
+    assert window_from_options(None, None, 70) is None
+    with pytest.raises(PipelineError, match="--days or --start-date/--end-date, not both"):
+        window_from_options(None, "2025-01-06", 70)
+    with pytest.raises(PipelineError, match="--days must be at least 1, not 0"):
+        window_from_options(None, None, 0)
+
+
+def test_last_days_of_a_window():
+    from pipelines.window import last_days, length_days
+
+    december = window_from_dates(dt.date(2026, 12, 1), dt.date(2026, 12, 31))
+    assert length_days(december) == 31
+    assert last_days(december, 7) == window_from_dates(dt.date(2026, 12, 25), dt.date(2026, 12, 31))
+    assert last_days(december, 31) == december == last_days(december, 400)
 
 
 def test_templated_queries_equal_direct_renderings():

@@ -29,6 +29,9 @@ class ExtractOptions(PipelineOptions):
                             help="last day of the window (included) [END_DATE]; without "
                                  "both dates the window is the whole days the targets "
                                  "cover, up to yesterday (UTC)")
+        parser.add_argument("--days", type=int, metavar="N", default=os.environ.get("WINDOW_DAYS") or None,
+                            help="without dates: only the last N of those days "
+                                 "[WINDOW_DAYS]")
         parser.add_argument("--catalog", default=os.environ.get("BQX_CATALOG"),
                             help="catalog TOML file [BQX_CATALOG]; default: the shipped one")
         parser.add_argument("--shard_days", "--shard-days", dest="shard_days", type=int,

@@ -88,23 +88,42 @@ def pending_tasks(plan: ExtractionPlan) -> list:
     return [t for t in plan.tasks if not checkpoints.shard_is_done(t)]
 
 
+def print_help() -> None:
+    """The job's own options; Beam's parser would print only ``--help``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.extract",
+        description="Extract a pair's feature tables and targets into parquet checkpoints.",
+        epilog="Beam's own flags work alongside: --runner, --direct_num_workers (default: "
+               "one per core, or EXTRACTION_WORKERS), --direct_running_mode (default "
+               "multi_threading), and the DataflowRunner's (--project, --region, "
+               "--temp_location, --setup_file, ...).")
+    ExtractOptions._add_argparse_args(parser)
+    parser.print_help()
+
+
 def run(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m pipelines.extract``; returns the exit code."""
-    argv = _with_runner_defaults(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print_help()
+        return cli.EXIT_OK
+    argv = _with_runner_defaults(argv)
     options = PipelineOptions(argv)
     opts = options.view_as(ExtractOptions)
     cli.setup_logging(opts.verbose)
     catalog = load_catalog(opts.catalog)
     pair = catalog.check_pair(opts.pair)
     root = storage.resolve_local(opts.checkpoint_root or default_checkpoint_root())
-    window = window_from_options(opts.start_date, opts.end_date)
+    window = window_from_options(opts.start_date, opts.end_date, opts.days)
     source_url = resolve_source(opts, opts.catalog, pair)
 
     with cli.stage("discover", pair=pair, source=source_url) as out:
         source = open_source(source_url)
         try:
             plan = make_plan(source, catalog, pair, window, root, opts.shard_days,
-                             opts.on_duplicate_keys)
+                             opts.on_duplicate_keys, opts.days)
         finally:
             source.close()
         groups: dict[str, int] = {}

@@ -9,7 +9,7 @@ from pipelines import checkpoints, sql
 from pipelines.catalog import Catalog, TableSpec, plan_tables
 from pipelines.checkpoints import ShardTask
 from pipelines.errors import PipelineError
-from pipelines.window import UTC, Window, shards, window_covering
+from pipelines.window import UTC, Window, last_days, shards, window_covering
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,10 @@ def discover(source, catalog: Catalog, pair: str) -> list[TableSpec]:
     return plan_tables(catalog, pair, features, targets)
 
 
-def default_window(source, catalog: Catalog, pair: str) -> Window:
+def default_window(source, catalog: Catalog, pair: str, days: int | None = None) -> Window:
     """The whole days covered by the pair's targets (valid keys only) up to yesterday
-    in UTC (see :func:`pipelines.window.window_covering`)."""
+    in UTC (see :func:`pipelines.window.window_covering`); with ``days``, only the last
+    ``days`` of them."""
     query = sql.key_range(catalog.targets_dataset, catalog.targets_table_for(pair),
                           catalog.key, min_valid_key(catalog), source.project)
     row = source.query_rows(query)[0]
@@ -68,6 +69,10 @@ def default_window(source, catalog: Catalog, pair: str) -> Window:
                  "%s, and a day not yet over may still change (--start-date and --end-date "
                  "choose another window)", (window.end - dt.timedelta(days=1)).date(),
                  row["last_key"])
+    if days is not None and last_days(window, days) != window:
+        window = last_days(window, days)
+        log.info("window: the last %d days the targets cover, %s .. %s (--days)", days,
+                 window.start.date(), (window.end - dt.timedelta(days=1)).date())
     return window
 
 
@@ -114,13 +119,14 @@ def clip_window(window: Window, catalog: Catalog) -> Window:
 
 
 def make_plan(source, catalog: Catalog, pair: str, window: Window | None, root: str,
-              shard_days: int, policy: str) -> ExtractionPlan:
-    """Discover the pair's tables and lay out every task of the extraction."""
+              shard_days: int, policy: str, days: int | None = None) -> ExtractionPlan:
+    """Discover the pair's tables and lay out every task of the extraction (in
+    ``window``, or else the default window, of the last ``days`` when given)."""
     checkpoints.check_root(root)
     if window is not None:
         window = clip_window(window, catalog)
     specs = discover(source, catalog, pair)
     if window is None:
-        window = default_window(source, catalog, pair)
+        window = default_window(source, catalog, pair, days)
     tasks = build_tasks(catalog, pair, specs, window, root, shard_days, policy, source.project)
     return ExtractionPlan(pair, window, catalog.key, root, shard_days, specs, tasks)

@@ -399,6 +399,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "the extracted window that ends last")
     p.add_argument("--end-date", default=cli.env_default("END_DATE"),
                    help="last day of the window to merge (included) [END_DATE]")
+    p.add_argument("--days", type=int, metavar="N", default=cli.env_default("WINDOW_DAYS"),
+                   help="without dates: the extracted window that ends last among those of "
+                        "at most N days, the longest of them (what the extract job's --days N "
+                        "commits) [WINDOW_DAYS]")
     p.add_argument("--catalog", default=cli.env_default("BQX_CATALOG"), help="catalog TOML file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--column-batch-size", default=cli.env_default("COLUMN_BATCH_SIZE"),
@@ -447,8 +451,8 @@ def run(argv: list[str] | None = None) -> int:
         output = args.output or default_bigquery_output()
     else:
         output = storage.resolve_local(args.output or default_output(pair))
-    window = window_from_options(args.start_date, args.end_date)
-    manifest = checkpoints.load_manifest(root, pair, window)
+    window = window_from_options(args.start_date, args.end_date, args.days)
+    manifest = checkpoints.load_manifest(root, pair, window, args.days)
     started = time.monotonic()
     if args.method == "bigquery":
         from pipelines.merge import bigquery as bq_merge
