@@ -69,6 +69,15 @@ def env_default(name: str, fallback=None):
     return value if value else fallback
 
 
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    """The value of environment variable ``name``, one of ``choices``, or ``default``
+    when it is unset or empty; anything else raises a :class:`PipelineError` naming it."""
+    value = env_default(name, default)
+    if value not in choices:
+        raise PipelineError(f"{name}={value!r} must be one of: {', '.join(choices)}")
+    return value
+
+
 def env_number(name: str, default, kind: type = float, *, minimum=None, above=None,
                maximum=None, unit: str = ""):
     """The number in environment variable ``name`` (``kind``: ``int`` or ``float``), or

@@ -48,6 +48,27 @@ def test_extract_refuses_bad_pairs(pair, expected, warehouse, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("module, variable, value, expected", [
+    ("pipelines.extract", "SHARD_DAYS", "abc", "SHARD_DAYS='abc' is not a whole number"),
+    ("pipelines.extract", "SHARD_DAYS", "0", "SHARD_DAYS=0 must be at least 1"),
+    ("pipelines.extract", "SAMPLE_ROWS", "1e4", "SAMPLE_ROWS='1e4' is not a whole number"),
+    ("pipelines.extract", "WINDOW_DAYS", "seventy", "WINDOW_DAYS='seventy' is not a whole number"),
+    ("pipelines.extract", "ON_DUPLICATE_KEYS", "eror", "ON_DUPLICATE_KEYS='eror' must be one of: drop, error"),
+    ("pipelines.extract", "EXTRACTION_WORKERS", "0", "EXTRACTION_WORKERS=0 must be at least 1"),
+    ("pipelines.merge", "WINDOW_DAYS", "0", "WINDOW_DAYS=0 must be at least 1"),
+])
+def test_bad_environment_values_are_refused_naming_the_variable(module, variable, value, expected,
+                                                                tmp_path):
+    """A job configured by the environment (as on Cloud Run) names the variable in one
+    line and writes nothing; before, some of these gave a traceback, and a mistyped
+    ON_DUPLICATE_KEYS silently dropped repeated keys."""
+    proc = run_module(module, "--pair", PAIR, "--checkpoint-root", str(tmp_path / "ck"),
+                      env={variable: value, "BQX_DATA_DIR": str(tmp_path)})
+    assert proc.returncode == 2, proc.stderr
+    assert _error_line(proc) == f"error: {expected}"
+    assert os.listdir(tmp_path) == []
+
+
 def test_extract_help_lists_the_jobs_own_options(tmp_path):
     """Beam's parser alone prints only --help; the job prints its options and creates
     nothing (no sample warehouse, no checkpoints)."""

@@ -5,7 +5,10 @@ import os
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.cli import env_choice, env_number
 from pipelines.window import DEFAULT_SHARD_DAYS
+
+DUPLICATE_KEY_POLICIES = ("drop", "error")
 
 
 class ExtractOptions(PipelineOptions):
@@ -29,20 +32,21 @@ class ExtractOptions(PipelineOptions):
                             help="last day of the window (included) [END_DATE]; without "
                                  "both dates the window is the whole days the targets "
                                  "cover, up to yesterday (UTC)")
-        parser.add_argument("--days", type=int, metavar="N", default=os.environ.get("WINDOW_DAYS") or None,
+        parser.add_argument("--days", type=int, metavar="N",
+                            default=env_number("WINDOW_DAYS", None, int, minimum=1),
                             help="without dates: only the last N of those days "
                                  "[WINDOW_DAYS]")
         parser.add_argument("--catalog", default=os.environ.get("BQX_CATALOG"),
                             help="catalog TOML file [BQX_CATALOG]; default: the shipped one")
         parser.add_argument("--shard_days", "--shard-days", dest="shard_days", type=int,
-                            default=int(os.environ.get("SHARD_DAYS", DEFAULT_SHARD_DAYS)),
+                            default=env_number("SHARD_DAYS", DEFAULT_SHARD_DAYS, int, minimum=1),
                             help=f"length of a checkpoint shard in days [SHARD_DAYS] "
                                  f"(default {DEFAULT_SHARD_DAYS})")
         parser.add_argument("--on_duplicate_keys", "--on-duplicate-keys",
-                            dest="on_duplicate_keys", choices=["drop", "error"],
-                            default=os.environ.get("ON_DUPLICATE_KEYS", "drop"),
+                            dest="on_duplicate_keys", choices=DUPLICATE_KEY_POLICIES,
+                            default=env_choice("ON_DUPLICATE_KEYS", "drop", DUPLICATE_KEY_POLICIES),
                             help="drop repeated keys (counted) or fail [ON_DUPLICATE_KEYS]")
         parser.add_argument("--sample_rows", "--sample-rows", dest="sample_rows", type=int,
-                            default=int(os.environ.get("SAMPLE_ROWS", 10000)),
+                            default=env_number("SAMPLE_ROWS", 10000, int, minimum=1),
                             help="rows per table when the embedded warehouse is created")
         parser.add_argument("--verbose", action="store_true", help="debug logging")

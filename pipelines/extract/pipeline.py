@@ -63,7 +63,7 @@ def _with_runner_defaults(argv: list[str]) -> list[str]:
     given = " ".join(argv)
     if "--runner" not in given or "DirectRunner" in given:
         if "--direct_num_workers" not in given:
-            workers = os.environ.get("EXTRACTION_WORKERS") or str(os.cpu_count() or 1)
+            workers = cli.env_number("EXTRACTION_WORKERS", os.cpu_count() or 1, int, minimum=1)
             argv.append(f"--direct_num_workers={workers}")
         if "--direct_running_mode" not in given:
             argv.append("--direct_running_mode=multi_threading")

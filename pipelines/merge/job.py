@@ -399,7 +399,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "the extracted window that ends last")
     p.add_argument("--end-date", default=cli.env_default("END_DATE"),
                    help="last day of the window to merge (included) [END_DATE]")
-    p.add_argument("--days", type=int, metavar="N", default=cli.env_default("WINDOW_DAYS"),
+    p.add_argument("--days", type=int, metavar="N",
+                   default=cli.env_number("WINDOW_DAYS", None, int, minimum=1),
                    help="without dates: the extracted window that ends last among those of "
                         "at most N days, the longest of them (what the extract job's --days N "
                         "commits) [WINDOW_DAYS]")
