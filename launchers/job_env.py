@@ -51,4 +51,6 @@ def run_for_task(job_run, argv: list[str] | None) -> int:
     import sys
 
     argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        return job_run(["--help"])  # the job's own options; no pair needed to read them
     return job_run(["--pair", pair_for_task(argv), *flags(argv)])

@@ -166,6 +166,20 @@ def test_the_merge_job_replaces_its_output_on_retry():
     assert parse_args(["--pair", "eurusd", *flags(args)]).overwrite
 
 
+@pytest.mark.parametrize("stage, job_prog", [("extract", "pipelines.extract"),
+                                              ("merge", "pipelines.merge")])
+def test_a_launcher_given_help_prints_its_jobs_options_without_a_pair(stage, job_prog):
+    """The container's entry point with --help shows the job's options; without this
+    it asked for a pair first."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PAIR", "PAIRS", "CLOUD_RUN_TASK_INDEX")}
+    proc = subprocess.run([sys.executable, "-m", f"launchers.{stage}_job", "--help"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: python -m {job_prog} ")
+    assert "--days N" in proc.stdout
+
+
 # --- Cloud Build -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("stage", sorted(JOBS))
