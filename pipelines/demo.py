@@ -7,6 +7,7 @@ warehouse and finished checkpoints are reused, the training file is rebuilt.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import sys
 import time
@@ -21,16 +22,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=10000, help="rows of the sample warehouse")
     p.add_argument("--method", default=cli.env_default("MERGE_METHOD", "polars"))
     args = p.parse_args(argv)
-    from pipelines.extract.pipeline import run as extract
+    from pipelines.extract.pipeline import extract
     from pipelines.merge.job import run as merge
 
     data = os.environ.setdefault("BQX_DATA_DIR", "data")
     started = time.monotonic()
-    code = extract(["--pair", args.pair, "--sample-rows", str(args.rows)])
-    if code:
-        return code
+    window = extract(["--pair", args.pair, "--sample-rows", str(args.rows)])
     output = os.path.join(data, "output", f"training_{args.pair}.parquet")
-    code = merge(["--pair", args.pair, "--method", args.method, "--output", output, "--overwrite"])
+    # The window just extracted, by its dates: other windows extracted by hand into the
+    # same folder (--days, --start-date) may end on the same day. WINDOW_DAYS, if set,
+    # chose it already, and would clash with the dates.
+    first, last = window.start.date(), (window.end - dt.timedelta(days=1)).date()
+    os.environ.pop("WINDOW_DAYS", None)
+    code = merge(["--pair", args.pair, "--method", args.method, "--output", output, "--overwrite",
+                  "--start-date", first.isoformat(), "--end-date", last.isoformat()])
     if code:
         return code
     print(f"\ntraining file: {os.path.abspath(output)}")

@@ -225,6 +225,25 @@ def test_days_extracts_and_merges_the_last_days_of_the_targets(warehouse, ck, tm
     assert file_states(ck) == before and not os.path.exists(tmp_path / "x.parquet")
 
 
+def test_demo_merges_the_window_it_extracted_beside_others(tmp_path):
+    """The README's first command run again after a --days extraction by hand into the
+    same folder: both windows end on the same day, and the demo still merges its own."""
+    env = {"BQX_DATA_DIR": str(tmp_path)}
+    demo = ("pipelines.demo", "--rows", "3000")  # 2025-01-06 .. 2025-01-08
+    proc = run_module(*demo, env=env)
+    assert proc.returncode == 0, proc.stderr
+    root = str(tmp_path / "checkpoints")
+    (full,) = checkpoints.find_windows(root, PAIR)
+    proc = run_module("pipelines.extract", "--pair", PAIR, "--days", "1", "--sample-rows", "3000",
+                      env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert len(checkpoints.find_windows(root, PAIR)) == 2
+    proc = run_module(*demo, env={**env, "WINDOW_DAYS": ""})
+    assert proc.returncode == 0, proc.stderr
+    output = tmp_path / "output" / f"training_{PAIR}.parquet"
+    assert pq.read_metadata(output).num_rows == checkpoints.load_manifest(root, PAIR, full).targets["rows"]
+
+
 def _first_feature_shard(root, table=1):
     """The first shard of the manifest's ``table`` (0: the targets, 1: the first features)."""
     manifest = checkpoints.load_manifest(root, PAIR)

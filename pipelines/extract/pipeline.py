@@ -19,7 +19,7 @@ from pipelines.extract.plan import ExtractionPlan, make_plan
 from pipelines.extract.transforms import FAILED, ExtractShards
 from pipelines.extract.verify import ExtractionIncomplete, commit_manifest
 from pipelines.sources import default_warehouse_path, duckdb_url, open_source
-from pipelines.window import window_from_options
+from pipelines.window import Window, window_from_options
 
 log = logging.getLogger("pipelines.extract")
 
@@ -108,7 +108,14 @@ def run(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print_help()
-        return cli.EXIT_OK
+    else:
+        extract(argv)
+    return cli.EXIT_OK
+
+
+def extract(argv: list[str]) -> Window:
+    """Run the extract job with the command-line arguments ``argv``; return the window
+    it committed (a failure raises)."""
     argv = _with_runner_defaults(argv)
     options = PipelineOptions(argv)
     opts = options.view_as(ExtractOptions)
@@ -154,7 +161,7 @@ def run(argv: list[str] | None = None) -> int:
         totals = manifest.totals()
         out.update(**totals)
     log.info("[extract] committed %s", checkpoints.manifest_path(root, pair, plan.window))
-    return cli.EXIT_OK
+    return plan.window
 
 
 def _run_beam(options: PipelineOptions, plan: ExtractionPlan, todo: list,
