@@ -337,6 +337,16 @@ def windows_ending_last(windows: Iterable[Window], days: int = 1) -> list[Window
     return sorted(w for w in windows if w.end in ends)
 
 
+def merge_candidates(windows: Iterable[Window], days: int | None = None) -> list[Window]:
+    """The committed ``windows`` a merge given no dates chooses among: those ending last
+    (more than one is ambiguous); with ``days``, of those of at most ``days`` days, the
+    longest among those ending last (none when no window is that short)."""
+    if days is not None:
+        windows = [w for w in windows if length_days(w) <= days]
+    last = windows_ending_last(windows)
+    return [max(last, key=length_days)] if days is not None and last else last
+
+
 def load_manifest(root: str, pair: str, window: Window | None = None,
                   days: int | None = None) -> Manifest:
     """The committed manifest of ``pair``; refuses (naming what is missing) otherwise.
@@ -352,21 +362,17 @@ def load_manifest(root: str, pair: str, window: Window | None = None,
     """
     check_root(root)
     if window is None:
-        committed = windows = find_windows(root, pair)
-        if not windows:
+        committed = find_windows(root, pair)
+        if not committed:
             raise PipelineError(
                 f"no committed extraction of pair {pair!r} under {root} "
                 f"(no {storage.join(root, 'pairs', pair, 'manifests', '*.SUCCESS')}); "
                 "run the extract job first")
-        if days is not None:
-            windows = [w for w in windows if length_days(w) <= days]
-            if not windows:
-                raise PipelineError(
-                    f"pair {pair!r} has no extracted window of at most {days} days under "
-                    f"{root}; run the extract job with --days {days}")
-        last = windows_ending_last(windows)
-        if days is not None:
-            last = [max(last, key=length_days)]
+        last = merge_candidates(committed, days)
+        if not last:
+            raise PipelineError(
+                f"pair {pair!r} has no extracted window of at most {days} days under "
+                f"{root}; run the extract job with --days {days}")
         if len(last) > 1:
             raise PipelineError(
                 f"pair {pair!r} has {len(last)} extracted windows whose last day is "

@@ -1,14 +1,16 @@
-"""``python -m pipelines.prune [--checkpoint-root ROOT] [--keep-windows 1] [--delete]``:
-remove the checkpoints no kept extraction needs.
+"""``python -m pipelines.prune [--checkpoint-root ROOT] [--keep-windows 1]
+[--keep-dates FIRST..LAST ...] [--delete]``: remove the checkpoints no kept extraction
+needs.
 
 An extraction run again on a later day commits a new window, and the last shard of each
 table in the earlier window (clipped at its old end) is then used by nothing but that
 window's manifest. This keeps, for every pair, the committed windows ending on its
-``--keep-windows`` latest end days (all windows ending on one of those days), and
-removes the other windows' manifests and success markers and every shard and commit
-record that no kept manifest of *any* pair lists: a shared table's shard stays while
-one pair still needs it, and the shards of an extraction that never finished go (a
-later run extracts them again).
+``--keep-windows`` latest end days (all windows ending on one of those days) and the
+windows named by ``--keep-dates`` (say a full history extracted once with fixed dates,
+beside daily ``--days`` windows that end later), and removes the other windows'
+manifests and success markers and every shard and commit record that no kept manifest
+of *any* pair lists: a shared table's shard stays while one pair still needs it, and the
+shards of an extraction that never finished go (a later run extracts them again).
 
 Only files last written ``--min-age-hours`` ago or earlier are removed, so the shards and
 manifests of an extraction still running are left alone (do not prune a root while an
@@ -28,7 +30,7 @@ import sys
 
 from pipelines import checkpoints, cli, storage
 from pipelines.errors import PipelineError
-from pipelines.window import Window
+from pipelines.window import Window, parse_date, window_from_dates
 
 log = logging.getLogger("pipelines.prune")
 
@@ -71,12 +73,23 @@ def _classify(relpath: str) -> tuple[str, str | None, Window | None]:
     return "other", None, None
 
 
+def parse_window(text: str) -> Window:
+    """The window of ``--keep-dates FIRST..LAST`` (both days included)."""
+    first, sep, last = text.partition("..")
+    if not sep:
+        raise PipelineError(f"--keep-dates {text!r} is not FIRST..LAST, like "
+                            "2020-01-01..2025-12-31")
+    return window_from_dates(parse_date(first, "--keep-dates"), parse_date(last, "--keep-dates"))
+
+
 def plan_prune(root: str, keep_windows: int = 1, min_age_hours: float = DEFAULT_MIN_AGE_HOURS,
-               now: dt.datetime | None = None) -> PrunePlan:
+               now: dt.datetime | None = None, keep: tuple[Window, ...] = ()) -> PrunePlan:
     """Work out what pruning ``root`` keeps and removes (nothing is removed here).
 
-    Every kept window's manifest is loaded and checked as the merge checks it: a
-    malformed one stops the prune, since the files it lists cannot be known."""
+    ``keep`` names windows kept besides the latest; each must be committed for some
+    pair, or the prune stops (a mistyped date would otherwise protect nothing). Every
+    kept window's manifest is loaded and checked as the merge checks it: a malformed one
+    stops the prune, since the files it lists cannot be known."""
     if keep_windows < 1:
         raise PipelineError(f"--keep-windows must be at least 1, not {keep_windows}")
     if min_age_hours < 0:
@@ -95,11 +108,20 @@ def plan_prune(root: str, keep_windows: int = 1, min_age_hours: float = DEFAULT_
     if not window_files and not shard_files:
         raise PipelineError(f"no checkpoints under {root}: give the extract job's "
                             f"--checkpoint-root")
+    committed = {pair: [w for w, f in entries if f.path.endswith(".SUCCESS")]
+                 for pair, entries in window_files.items()}
+    for window in keep:
+        if not any(window in windows for windows in committed.values()):
+            raise PipelineError(
+                f"--keep-dates {window.start.date()}..{(window.end - dt.timedelta(days=1)).date()}: "
+                f"no pair has that window committed under {root} (committed: "
+                f"{', '.join(sorted({w.id for ws in committed.values() for w in ws})) or 'none'})")
     kept: dict[str, list[Window]] = {}
     needed: set[str] = set()  # paths relative to the root, as manifests list them
     for pair, entries in sorted(window_files.items()):
-        kept[pair] = checkpoints.windows_ending_last(
-            (w for w, f in entries if f.path.endswith(".SUCCESS")), keep_windows)
+        windows = committed[pair]
+        kept[pair] = sorted(set(checkpoints.windows_ending_last(windows, keep_windows))
+                            | {w for w in windows if w in keep})
         for window in kept[pair]:
             manifest = checkpoints.load_manifest(root, pair, window)
             for entry in manifest.tables:
@@ -134,6 +156,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--keep-windows", type=int, default=1,
                    help="per pair, keep the committed windows ending on this many latest end "
                         "days (default 1)")
+    p.add_argument("--keep-dates", action="append", default=[], metavar="FIRST..LAST",
+                   help="also keep this window wherever it is committed (repeatable), e.g. "
+                        "a full history extracted once: 2020-01-01..2025-12-31")
     p.add_argument("--min-age-hours", type=float, default=DEFAULT_MIN_AGE_HOURS,
                    help=f"remove only files last written this long ago or earlier (default "
                         f"{DEFAULT_MIN_AGE_HOURS:g})")
@@ -148,7 +173,8 @@ def run(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cli.setup_logging(args.verbose)
     root = storage.resolve_local(args.checkpoint_root or checkpoints.default_checkpoint_root())
-    plan = plan_prune(root, args.keep_windows, args.min_age_hours)
+    keep = tuple(parse_window(text) for text in args.keep_dates)
+    plan = plan_prune(root, args.keep_windows, args.min_age_hours, keep=keep)
     removals = plan.removals()
     for pair, windows in plan.kept.items():
         log.info("[prune] %s: keeping %s", pair, ", ".join(w.id for w in windows) or "nothing")

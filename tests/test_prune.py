@@ -4,10 +4,13 @@ import datetime as dt
 import os
 import uuid
 
+import pytest
+
 from conftest import PAIR, extract_window, file_states, run_module
 from emulators import BUCKET, gcs_emulator, upload_tree  # noqa: F401 (fixture)
 from pipelines import checkpoints, storage
-from pipelines.prune import PrunePlan, plan_prune
+from pipelines.errors import PipelineError
+from pipelines.prune import PrunePlan, parse_window, plan_prune
 from pipelines.window import UTC, window_from_dates
 
 OTHER = "gbpusd"
@@ -62,6 +65,38 @@ def test_prune_removes_a_dropped_window_but_what_another_pair_needs(warehouse, t
     # Again: nothing left to remove.
     assert "0 manifest file(s) of dropped windows and 0 shard file(s)" in _prune(
         root, "--min-age-hours", "0", "--delete")
+
+
+def test_prune_keeps_the_windows_named_by_keep_dates(warehouse, tmp_path):
+    """A long window extracted once with fixed dates (say the full history) beside a
+    --days window ending later: the default prune drops the long one, --keep-dates
+    keeps it, and a --keep-dates that names no committed window stops the prune."""
+    root = str(tmp_path / "ck")
+    extract_window(warehouse, root, "2025-01-06", "2025-01-06", shard_days=28)  # "full"
+    proc = run_module("pipelines.extract", "--pair", PAIR, "--source", f"duckdb://{warehouse}",
+                      "--checkpoint-root", root, "--shard-days", "28", "--days", "1")
+    assert proc.returncode == 0, proc.stderr
+    full = window_from_dates(dt.date(2025, 1, 6), dt.date(2025, 1, 6))
+    daily = window_from_dates(dt.date(2025, 1, 7), dt.date(2025, 1, 7))
+    assert checkpoints.find_windows(root, PAIR) == [full, daily]
+    before = file_states(root)
+
+    proc = run_module("pipelines.prune", "--checkpoint-root", root, "--min-age-hours", "0",
+                      "--keep-dates", "2025-01-05..2025-01-06", "--delete")
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: --keep-dates 2025-01-05..2025-01-06: no pair has that window "
+                      f"committed under {root} (committed: {full.id}, {daily.id})"]
+    assert file_states(root) == before
+
+    out = _prune(root, "--min-age-hours", "0", "--keep-dates", "2025-01-06..2025-01-06", "--delete")
+    assert "0 manifest file(s) of dropped windows and 0 shard file(s)" in out
+    assert file_states(root) == before
+    # Without it, the long window goes: it does not end last.
+    dropped = _listed(root, PAIR, full) - _listed(root, PAIR, daily)
+    _prune(root, "--min-age-hours", "0", "--delete")
+    assert set(before) - set(file_states(root)) == dropped
+    assert checkpoints.find_windows(root, PAIR) == [daily]
 
 
 def test_prune_in_a_bucket(gcs_emulator, warehouse, tmp_path):
@@ -136,3 +171,26 @@ def test_bad_prune_options(tmp_path):
     with pytest.raises(PipelineError, match="no checkpoints under"):
         plan_prune(str(tmp_path))
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_the_merge_without_dates_chooses_among_the_windows_ending_last():
+    """Without --days, every window ending last (two are ambiguous); with --days N, the
+    longest of at most N days among those ending last."""
+    def days(first, last):
+        return window_from_dates(dt.date(2025, 1, first), dt.date(2025, 1, last))
+
+    windows = [days(1, 5), days(3, 5), days(5, 5), days(1, 4)]
+    assert checkpoints.merge_candidates(windows) == [days(1, 5), days(3, 5), days(5, 5)]
+    assert checkpoints.merge_candidates(windows, days=1) == [days(5, 5)]
+    assert checkpoints.merge_candidates(windows, days=4) == [days(3, 5)]
+    assert checkpoints.merge_candidates(windows, days=5) == [days(1, 5)]
+    assert checkpoints.merge_candidates([days(1, 4)], days=2) == []
+
+
+def test_keep_dates_must_be_first_and_last_day():
+    assert parse_window("2020-01-01..2025-12-31") == window_from_dates(dt.date(2020, 1, 1),
+                                                                       dt.date(2025, 12, 31))
+    with pytest.raises(PipelineError, match=r"--keep-dates '2020-01-01' is not FIRST\.\.LAST"):
+        parse_window("2020-01-01")
+    with pytest.raises(PipelineError, match="not a date"):
+        parse_window("2020-01-01..2025-13-01")
