@@ -1,4 +1,5 @@
-"""``python -m bench.phases --rows 20000 [--work DIR] [--keep]``: where a merge's time goes.
+"""``python -m bench.phases --rows 20000 [--count-requests] [--work DIR] [--keep]``: where
+a merge's time goes.
 
 Writes a full-width synthetic pair (bench/synthetic.py; reused when ``--work`` already
 holds ``ck{rows}``, the layout ``bench.merge`` uses), then runs one ``polars`` merge in
@@ -9,6 +10,13 @@ threads read the tables after it, while the encoding threads compress the pieces
 columns handed over before and the appending thread appends them, so the wall times
 add up to more than the run. Work a library does on threads of its own (Polars' join of
 the keys) is not in any phase's CPU; it is in the process total.
+
+``--count-requests`` also counts what the merge asks of the checkpoint files (and the
+manifest), as a bucket would see it: files opened for ranged reads (opening one of
+Arrow's GCS files may cost a metadata request), the reads made of them (each one ranged
+request: that file has no read-ahead buffer), whole downloads, and stored-checksum
+lookups (one metadata request each). The counting wrapper slows the reads, so times from such a run
+are not comparable with others.
 """
 from __future__ import annotations
 
@@ -83,15 +91,86 @@ def _wrap(totals: dict, module: str, owner: str | None, name: str, label: str):
     return lambda: setattr(target, name, inner)
 
 
-def profile_merge(root: str, pair: str, output: str) -> tuple[dict, float, float, float]:
+class CountedFile:
+    """A file that counts the reads made of it (``reads``, and ``count("ranged reads")``
+    when given), around a real one: every read still goes to it."""
+
+    def __init__(self, source, count=None):
+        self.source, self.count, self.reads = source, count, 0
+
+    def read(self, nbytes=-1):
+        self.reads += 1
+        if self.count:
+            self.count("ranged reads")
+        return self.source.read(nbytes)
+
+    def seek(self, offset, whence=0):
+        return self.source.seek(offset, whence)
+
+    def tell(self):
+        return self.source.tell()
+
+    def size(self):
+        return self.source.size()
+
+    def close(self):
+        self.source.close()
+
+    @property
+    def closed(self):
+        return self.source.closed
+
+
+REQUEST_KINDS = ("files opened for ranged reads", "ranged reads", "whole downloads",
+                 "stored-checksum lookups")
+
+
+def _count_requests(requests: dict):
+    """Count into ``requests`` what ``pipelines.storage`` is asked for (see
+    ``--count-requests``); returns a function that puts the originals back."""
+    import pyarrow as pa
+
+    from pipelines import storage
+
+    lock = threading.Lock()
+    real = {name: getattr(storage, name) for name in ("open_input", "read_buffer", "crc32c")}
+
+    def count(kind: str) -> None:
+        with lock:  # reader threads count at once
+            requests[kind] += 1
+
+    def open_input(path):
+        count("files opened for ranged reads")
+        return pa.PythonFile(CountedFile(real["open_input"](path), count), mode="r")
+
+    def read_buffer(path):
+        count("whole downloads")
+        return real["read_buffer"](path)
+
+    def crc32c(path):
+        count("stored-checksum lookups")
+        return real["crc32c"](path)
+
+    for name, counted in (("open_input", open_input), ("read_buffer", read_buffer),
+                          ("crc32c", crc32c)):
+        setattr(storage, name, counted)
+    return lambda: [setattr(storage, name, f) for name, f in real.items()]
+
+
+def profile_merge(root: str, pair: str, output: str,
+                  requests: dict | None = None) -> tuple[dict, float, float, float]:
     """Merge ``root``'s extraction of ``pair`` into ``output`` with the phases timed;
     returns {label: [calls, wall s, CPU s]}, the run's wall and CPU seconds and its peak
-    RSS in bytes."""
+    RSS in bytes. With ``requests`` (a dict), also counts into it what the merge asks of
+    the checkpoint files (:data:`REQUEST_KINDS`)."""
     from pipelines.merge import job
 
     totals: dict = defaultdict(lambda: [0, 0.0, 0.0])
     restore = [_wrap(totals, module, owner, name, label)
                for module, owner, name, label, _thread in PHASES]
+    if requests is not None:
+        requests.update({kind: 0 for kind in REQUEST_KINDS})
+        restore.append(_count_requests(requests))
     try:
         before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
@@ -116,6 +195,9 @@ def main(argv=None) -> int:
     p.add_argument("--pair", default="eurusd")
     p.add_argument("--work", help="folder for the data (default: a temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the generated data")
+    p.add_argument("--count-requests", action="store_true",
+                   help="count the reads of checkpoint files as a bucket would see them "
+                        "(slows the reads)")
     args = p.parse_args(argv)
     work = args.work or tempfile.mkdtemp(prefix="bqx-bench-phases-")
     root = os.path.join(work, f"ck{args.rows}")
@@ -124,13 +206,19 @@ def main(argv=None) -> int:
         if not os.path.isdir(root):
             from bench.synthetic import make_checkpoints
             make_checkpoints(root, args.pair, args.rows, log=lambda *a: None)
-        totals, wall, cpu, rss = profile_merge(root, args.pair, output)
+        requests = {} if args.count_requests else None
+        totals, wall, cpu, rss = profile_merge(root, args.pair, output, requests)
         print(f"\nmerge of {args.rows} rows: {wall:.1f} s wall, {cpu:.1f} CPU s "
               f"({cpu / wall:.2f} cores busy), peak RSS {rss / 2**30:.2f} GiB")
         print(f"{'phase':<42} {'thread':>8} {'calls':>7} {'wall s':>8} {'CPU s':>7}")
         for _module, _owner, _name, label, thread in PHASES:
             calls, phase_wall, phase_cpu = totals.get(label, (0, 0.0, 0.0))
             print(f"{label:<42} {thread:>8} {calls:>7} {phase_wall:>8.2f} {phase_cpu:>7.2f}")
+        if requests is not None:
+            shards = sum(1 for _d, _s, files in os.walk(root) for f in files if f.endswith(".parquet"))
+            print(f"\ncheckpoint requests, as a bucket would see them ({shards} shards): "
+                  + ", ".join(f"{requests[kind]} {kind}" for kind in REQUEST_KINDS)
+                  + f"; {sum(requests.values())} in all")
     finally:
         from pipelines.validate import default_report_path
         for leftover in (output, default_report_path(output)):

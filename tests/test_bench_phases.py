@@ -1,5 +1,7 @@
 """The in-process profilers of a merge: bench.phases times the merge's own functions (they
 must still be there, and be put back); bench.memory splits its RSS into parts."""
+import os
+
 import pytest
 
 from bench import phases
@@ -124,3 +126,18 @@ def test_the_memory_benchmark_repeats_a_merge_in_one_process(extracted, tmp_path
                                     f"in {taken}s; reading and joining waited {waited}s of it "
                                     "for the encoders", None, None))
     assert wait.seconds == (5.5, 1.5)
+
+
+def test_the_checkpoint_requests_of_a_merge_are_counted_and_storage_restored(extracted, tmp_path):
+    from pipelines import storage
+
+    originals = (storage.open_input, storage.read_buffer, storage.crc32c)
+    requests = {}
+    phases.profile_merge(extracted, "eurusd", str(tmp_path / "t.parquet"), requests)
+    assert set(requests) == set(phases.REQUEST_KINDS)
+    # The small pair's tables are read whole: one download a shard, and the manifest's
+    # (the spine's keys are read first, through ranged reads); none is sliced.
+    shards = sum(1 for _d, _s, files in os.walk(extracted) for f in files if f.endswith(".parquet"))
+    assert requests["whole downloads"] == shards + 1
+    assert requests["files opened for ranged reads"] > 0 and requests["ranged reads"] > 0
+    assert (storage.open_input, storage.read_buffer, storage.crc32c) == originals

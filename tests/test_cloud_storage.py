@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from bench.phases import CountedFile
 from bigquery_warehouse import PAIR, bq_warehouse  # noqa: F401 (fixture)
 from emulators import BUCKET, bq_emulator, gcs_emulator  # noqa: F401 (fixtures)
 from pipelines import storage
@@ -181,34 +182,6 @@ def test_bigquery_source_lists_columns_and_reads_arrow(bq_warehouse):
         duck.close()
 
 
-class _CountedReads:
-    """A file that counts the reads made of it, around a real one (a spy, not a mock:
-    every read goes to the emulator)."""
-
-    def __init__(self, source):
-        self.source, self.reads = source, 0
-
-    def read(self, nbytes=-1):
-        self.reads += 1
-        return self.source.read(nbytes)
-
-    def seek(self, offset, whence=0):
-        return self.source.seek(offset, whence)
-
-    def tell(self):
-        return self.source.tell()
-
-    def size(self):
-        return self.source.size()
-
-    def close(self):
-        self.source.close()
-
-    @property
-    def closed(self):
-        return self.source.closed
-
-
 def _wide_bucket_shard(path: str | None = None, shift: float = 0.0):
     """A 40-column shard written to the bucket (at ``path``, or a new one) as the
     extract writes it, and a cursor reading it with its manifest entry."""
@@ -232,7 +205,7 @@ def _count_opened_reads(monkeypatch) -> list:
     real_open = storage.open_input
 
     def counted_open(p):
-        opened.append(_CountedReads(real_open(p)))
+        opened.append(CountedFile(real_open(p)))  # a spy: every read goes to the emulator
         return pa.PythonFile(opened[-1], mode="r")
 
     monkeypatch.setattr(storage, "open_input", counted_open)
