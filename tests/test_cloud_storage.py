@@ -271,3 +271,71 @@ def test_a_local_file_checksum_covers_every_chunk_it_is_read_in(tmp_path, monkey
     assert storage.crc32c(str(path)) == storage.bytes_crc32c(data)
     path.write_bytes(b"")
     assert storage.crc32c(str(path)) == storage.bytes_crc32c(b"")
+
+
+def _bucket_shards(days: int = 3, overlap: bool = False):
+    """A 40-column table's ``days`` one-day shards in the bucket, as the extract writes
+    them, and a cursor over them (with ``overlap``, the last shard repeats a key)."""
+    from pipelines.checkpoints import write_shard
+    from pipelines.merge.reader import ShardCursor
+
+    root, tables, shards = _root(), [], []
+    for day in range(days):
+        t0 = dt.datetime(2025, 1, 6 + day, tzinfo=dt.timezone.utc)
+        times = [t0 + dt.timedelta(minutes=j) for j in range(300)]
+        if overlap and day == days - 1:  # the shard before's last key, once more
+            times.insert(0, t0 - dt.timedelta(days=1) + dt.timedelta(minutes=299))
+        columns = {f"f{i}": pa.array([j * 0.5 + i + day for j in range(len(times))]) for i in range(40)}
+        table = pa.table({"interval_time": pa.array(times, pa.timestamp("us", tz="UTC")), **columns})
+        path = f"{root}/wide/2025010{6 + day}T0000-2025010{7 + day}T0000.parquet"
+        size, crc = write_shard(table, path)
+        tables.append(table)
+        shards.append((path, {"bytes": size, "crc32c": crc, "rows": table.num_rows}))
+    return pa.concat_tables(tables), shards, ShardCursor("features.wide_eurusd", shards, tables[0].schema)
+
+
+def test_a_reads_shards_in_a_bucket_are_fetched_at_once_and_checked_in_order(gcs_emulator, monkeypatch):
+    """Each shard fetch from a bucket is a few requests that wait on the network, so a
+    read of several shards fetches them at once; what it returns, and the checks across
+    shards (keys in order, the earliest problem first), are those of reading in turn.
+    A spy slows each fetch so that they overlap; every fetch still goes to the emulator."""
+    import threading
+    import time
+
+    table, shards, cursor = _bucket_shards()
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def slowed(real):
+        def fetch(path, *args):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            try:
+                time.sleep(0.3)
+                return real(path, *args)
+            finally:
+                with lock:
+                    running[0] -= 1
+        return fetch
+
+    for name in ("read_buffer", "crc32c"):
+        monkeypatch.setattr(storage, name, slowed(getattr(storage, name)))
+    assert cursor.read_shards(0, 3).equals(table)
+    assert most[0] == 3
+    most[0] = 0
+    _t, _s, sliced = _bucket_shards()
+    assert sliced.read_shards(0, 3, range(0, 10)).equals(
+        _t.select(["interval_time"] + [f"f{i}" for i in range(10)]))
+    assert most[0] == 3  # the first slice's stored-checksum lookups
+
+    _t, shards, repeated = _bucket_shards(overlap=True)
+    with pytest.raises(PipelineError, match=r"checkpoint gs://.*20250108T0000-20250109T0000\.parquet "
+                                            r"of features\.wide_eurusd has keys out of order"):
+        repeated.read_shards(0, 3)
+    # A missing middle shard is named, not the last shard's keys.
+    from pipelines.merge.reader import ShardCursor
+
+    storage.delete(shards[1][0])
+    again = ShardCursor("features.wide_eurusd", shards, _t.schema)
+    with pytest.raises(PipelineError, match=r"checkpoint missing: gs://.*20250107T0000-20250108T0000"):
+        again.read_shards(0, 3)

@@ -11,12 +11,15 @@ only its own column chunks (pyarrow checks their pages' CRCs), so from a bucket 
 byte is downloaded once. Its shards' CRC32C is checked by the first slice against the
 checksum the storage keeps: in a bucket the one GCS computed when the extract uploaded
 the shard (it rejects an upload whose bytes differ from the CRC32C sent with it), a
-metadata request; locally the file read through once more.
+metadata request; locally the file read through once more. From a bucket, a read's
+shards are fetched at once (each fetch mostly waits on the network) and then checked in
+shard order, as a read in turn would.
 """
 from __future__ import annotations
 
 import collections
-from concurrent.futures import Executor
+import functools
+from concurrent.futures import Executor, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -26,6 +29,13 @@ import pyarrow.parquet as pq
 from pipelines import storage
 from pipelines.checkpoints import describe_schema_difference
 from pipelines.errors import PipelineError, first_line
+
+
+# Fetches of one read's shards from a bucket, run at once: each is a few requests that
+# mostly wait on the network (BENCHMARKS.md, "What a merge asks of its checkpoints"), and
+# the read holds all of them before it hands them on anyway, so this costs no memory.
+# Shared by the merge's reader threads; a fetch never waits on another.
+_BUCKET_FETCHES = ThreadPoolExecutor(8, thread_name_prefix="merge-fetch")
 
 
 def int_keys(array) -> np.ndarray:
@@ -78,7 +88,28 @@ class ShardCursor:
             names = [self.schema.names[0]] + self.schema.names[1:][features.start:features.stop]
         first_read = features is None or features.start == 0
         shards = self._shards[first:first + count]
-        parts = [self._read(path, entry, names, first_read) for path, entry in shards]
+        at_once = len(shards) > 1 and storage.is_gcs(shards[0][0])
+        if at_once:
+            pending = [_BUCKET_FETCHES.submit(self._read, path, entry, names, first_read)
+                       for path, entry in shards]
+            fetches = [future.result for future in pending]
+        else:
+            fetches = [functools.partial(self._read, path, entry, names, first_read)
+                       for path, entry in shards]
+        parts = []
+        try:
+            # In shard order, as a sequential read would: the first problem reported is
+            # the earliest shard's, and keys are checked across shards in time order.
+            for (path, _entry), fetch in zip(shards, fetches):
+                part = fetch()
+                if first_read:
+                    self._check_keys(path, part)
+                parts.append(part)
+        finally:
+            if at_once:  # on a failure, no fetch may go on behind the merge's back
+                for future in pending:
+                    future.cancel()
+                wait(pending)
         if features is not None:
             # The last slice is done with the footers; any of another row group (kept
             # by a slice that finished after the last one) is stale.
@@ -98,14 +129,13 @@ class ShardCursor:
                 data = storage.read_buffer(path)
                 if len(data) != entry["bytes"] or storage.bytes_crc32c(data) != entry["crc32c"]:
                     raise PipelineError(self._damage(path, entry, data))
-                return self._decode(path, entry, pa.BufferReader(data), names, True, True)
+                return self._decode(path, entry, pa.BufferReader(data), names, True)
             if first_read and storage.crc32c(path) != entry["crc32c"]:
                 raise PipelineError(self._damage(path, entry))
             with storage.open_input(path) as source:
                 # One read of the slice's column chunks (they are consecutive), not one
                 # per column chunk: from GCS each read is a request.
-                return self._decode(path, entry, source, names, False, first_read,
-                                    footer=path)
+                return self._decode(path, entry, source, names, False, footer=path)
         except FileNotFoundError:
             raise PipelineError(f"checkpoint missing: {path} ({self.label})") from None
         except OSError as exc:  # a folder in its place, no permission, a failed request
@@ -113,9 +143,9 @@ class ShardCursor:
                                 f"{first_line(exc)}") from None
 
     def _decode(self, path: str, entry: dict[str, Any], source, names: list[str] | None,
-                read_checked: bool, check_keys: bool, footer: str | None = None) -> pa.Table:
+                read_checked: bool, footer: str | None = None) -> pa.Table:
         """Decode ``names`` (None: every column) of the shard in ``source``, checking its
-        schema and rows, and its keys when ``check_keys``. When ``read_checked`` the
+        schema and rows (:meth:`read_shards` checks its keys). When ``read_checked`` the
         bytes decoded are the ones whose CRC32C was checked, so an error is damage;
         otherwise it may also be a read that failed. With ``footer`` (the shard's path)
         the read is a slice's: its column chunks come in one ranged read, and the
@@ -138,8 +168,6 @@ class ShardCursor:
         if table.num_rows != entry["rows"]:
             raise PipelineError(f"checkpoint {path} of {self.label} holds {table.num_rows} rows, "
                                 f"its manifest entry says {entry['rows']}")
-        if check_keys:
-            self._check_keys(path, table)
         return table
 
     def _damage(self, path: str, entry: dict[str, Any], data: pa.Buffer | None = None) -> str:
