@@ -32,8 +32,9 @@ from pipelines.errors import PipelineError, first_line
 
 
 # Fetches of one read's shards from a bucket, run at once: each is a few requests that
-# mostly wait on the network (BENCHMARKS.md, "What a merge asks of its checkpoints"), and
-# the read holds all of them before it hands them on anyway, so this costs no memory.
+# mostly wait on the network (BENCHMARKS.md, "What a merge asks of its checkpoints"). The
+# read holds all its decoded shards before it hands them on anyway; what overlaps is
+# only their bytes as fetched, at most about a read's worth.
 # Shared by the merge's reader threads; a fetch never waits on another.
 _BUCKET_FETCHES = ThreadPoolExecutor(8, thread_name_prefix="merge-fetch")
 
