@@ -333,8 +333,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--bigquery-tib-rate", type=float, default=Rates.bigquery_tib,
                    help="BigQuery on-demand $ per TiB (default %(default)s)")
     p.add_argument("--queries-per-pair", type=int, default=DEFAULT_QUERIES_PER_PAIR,
-                   help="query jobs of one pair's extraction (default %(default)s = 2 x 668 "
-                        "tables x 80 shards); 0 ignores the 10 MB per-query minimum")
+                   help="query jobs of one pair's extraction (default %(default)s: a read "
+                        "per table and shard, 668 x 80, and a count per 16 of them); 0 "
+                        "ignores the 10 MB per-query minimum")
     p.add_argument("--shared-fraction", type=float, default=0.0,
                    help="part of each further pair's extraction that reads the shared tables "
                         "and is reused (0 = none, the default; about 0.6 by table count)")
