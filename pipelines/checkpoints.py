@@ -376,7 +376,7 @@ def load_manifest(root: str, pair: str, window: Window | None = None,
         if len(last) > 1:
             raise PipelineError(
                 f"pair {pair!r} has {len(last)} extracted windows whose last day is "
-                f"{(last[0].end - dt.timedelta(days=1)).date()} under {root} "
+                f"{last[0].last_day} under {root} "
                 f"({', '.join(w.id for w in last)}); choose one with --start-date/--end-date "
                 "or --days")
         window = last[0]

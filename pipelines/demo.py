@@ -7,7 +7,6 @@ warehouse and finished checkpoints are reused, the training file is rebuilt.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import sys
 import time
@@ -32,10 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     # The window just extracted, by its dates: other windows extracted by hand into the
     # same folder (--days, --start-date) may end on the same day. WINDOW_DAYS, if set,
     # chose it already, and would clash with the dates.
-    first, last = window.start.date(), (window.end - dt.timedelta(days=1)).date()
     os.environ.pop("WINDOW_DAYS", None)
     code = merge(["--pair", args.pair, "--method", args.method, "--output", output, "--overwrite",
-                  "--start-date", first.isoformat(), "--end-date", last.isoformat()])
+                  "--start-date", window.start.date().isoformat(),
+                  "--end-date", window.last_day.isoformat()])
     if code:
         return code
     print(f"\ntraining file: {os.path.abspath(output)}")

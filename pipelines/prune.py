@@ -113,7 +113,7 @@ def plan_prune(root: str, keep_windows: int = 1, min_age_hours: float = DEFAULT_
     for window in keep:
         if not any(window in windows for windows in committed.values()):
             raise PipelineError(
-                f"--keep-dates {window.start.date()}..{(window.end - dt.timedelta(days=1)).date()}: "
+                f"--keep-dates {window.start.date()}..{window.last_day}: "
                 f"no pair has that window committed under {root} (committed: "
                 f"{', '.join(sorted({w.id for ws in committed.values() for w in ws})) or 'none'})")
     kept: dict[str, list[Window]] = {}

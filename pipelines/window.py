@@ -44,6 +44,11 @@ class Window:
         except ValueError:
             raise PipelineError(f"malformed window id {window_id!r}") from None
 
+    @property
+    def last_day(self) -> dt.date:
+        """The last day the window includes (windows of whole days end at midnight)."""
+        return (self.end - dt.timedelta(days=1)).date()
+
     def describe(self) -> str:
         """Human-readable form for logs."""
         return f"[{self.start.isoformat()}, {self.end.isoformat()})"

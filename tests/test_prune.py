@@ -88,6 +88,12 @@ def test_prune_keeps_the_windows_named_by_keep_dates(warehouse, tmp_path):
     assert errors == [f"error: --keep-dates 2025-01-05..2025-01-06: no pair has that window "
                       f"committed under {root} (committed: {full.id}, {daily.id})"]
     assert file_states(root) == before
+    proc = run_module("pipelines.prune", "--checkpoint-root", root, "--min-age-hours", "0",
+                      "--keep-dates", "2025-01-06", "--delete")
+    assert proc.returncode == 2
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == [
+        "error: --keep-dates '2025-01-06' is not FIRST..LAST, like 2020-01-01..2025-12-31"]
+    assert file_states(root) == before
 
     out = _prune(root, "--min-age-hours", "0", "--keep-dates", "2025-01-06..2025-01-06", "--delete")
     assert "0 manifest file(s) of dropped windows and 0 shard file(s)" in out

@@ -153,6 +153,7 @@ def test_last_days_of_a_window():
     assert length_days(december) == 31
     assert last_days(december, 7) == window_from_dates(dt.date(2026, 12, 25), dt.date(2026, 12, 31))
     assert last_days(december, 31) == december == last_days(december, 400)
+    assert december.last_day == dt.date(2026, 12, 31)
 
 
 def test_templated_queries_equal_direct_renderings():

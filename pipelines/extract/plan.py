@@ -67,12 +67,11 @@ def default_window(source, catalog: Catalog, pair: str, days: int | None = None)
     if window.end <= row["last_key"]:
         log.info("window ends with %s, the last whole day before today: the targets reach "
                  "%s, and a day not yet over may still change (--start-date and --end-date "
-                 "choose another window)", (window.end - dt.timedelta(days=1)).date(),
-                 row["last_key"])
+                 "choose another window)", window.last_day, row["last_key"])
     if days is not None and last_days(window, days) != window:
         window = last_days(window, days)
         log.info("window: the last %d days the targets cover, %s .. %s (--days)", days,
-                 window.start.date(), (window.end - dt.timedelta(days=1)).date())
+                 window.start.date(), window.last_day)
     return window
 
 
@@ -108,7 +107,7 @@ def clip_window(window: Window, catalog: Catalog) -> Window:
     floor = min_valid_key(catalog)
     if window.end <= floor:
         raise PipelineError(
-            f"window {window.start:%Y-%m-%d} .. {window.end - dt.timedelta(days=1):%Y-%m-%d} "
+            f"window {window.start:%Y-%m-%d} .. {window.last_day} "
             f"ends before {catalog.min_valid_key}, the catalog's min_valid_key: earlier keys "
             "(1970-01-01 placeholders) are never extracted")
     if window.start < floor:
