@@ -146,6 +146,17 @@ class _Counting:
         """How many requests were failed on purpose (random faults and rules)."""
         return len(self.injected)
 
+    def wait_for_count(self, what: str, n: int, seconds: float = 10.0) -> int:
+        """``counts[what]`` once it reaches ``n``, or after ``seconds``.
+
+        The proxy notices a client giving up on a call in its own thread, polling; the
+        client may finish its work before that thread has counted it (seen in CI on a
+        loaded machine), so tests wait for the count rather than read it at once."""
+        give_up = time.monotonic() + seconds
+        while self.counts[what] < n and time.monotonic() < give_up:
+            time.sleep(0.02)
+        return self.counts[what]
+
     def summary(self) -> str:
         """``requests=N forwarded=M 429=a ...``: for test output and reports."""
         return " ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))

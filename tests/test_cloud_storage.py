@@ -298,23 +298,26 @@ def test_a_reads_shards_in_a_bucket_are_fetched_at_once_and_checked_in_order(gcs
     """Each shard fetch from a bucket is a few requests that wait on the network, so a
     read of several shards fetches them at once; what it returns, and the checks across
     shards (keys in order, the earliest problem first), are those of reading in turn.
-    A spy slows each fetch so that they overlap; every fetch still goes to the emulator."""
+    A spy holds each fetch until 3 are running (at most 5 s: fetches made in turn fail
+    the test, slowly), so a loaded machine cannot make at-once fetches look sequential;
+    every fetch still goes to the emulator."""
     import threading
-    import time
 
     table, shards, cursor = _bucket_shards()
-    lock, running, most = threading.Lock(), [0], [0]
+    running, most = [0], [0]
+    changed = threading.Condition()
 
     def slowed(real):
         def fetch(path, *args):
-            with lock:
+            with changed:
                 running[0] += 1
                 most[0] = max(most[0], running[0])
+                changed.notify_all()
+                changed.wait_for(lambda: running[0] >= 3 or most[0] >= 3, timeout=5)
             try:
-                time.sleep(0.3)
                 return real(path, *args)
             finally:
-                with lock:
+                with changed:
                     running[0] -= 1
         return fetch
 
