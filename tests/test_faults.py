@@ -49,7 +49,10 @@ OUT = f"gs://{BUCKET}/faults/out/training_{PAIR}.parquet"
 RATE = 0.10
 # Transient-fault runs: short back-offs keep the test quick; the deadline is generous.
 RETRY_FAST = {"BQX_RETRY_SECONDS": "60", "BQX_RETRY_INITIAL_SECONDS": "0.1"}
-FAIL_FAST_SECONDS = 30
+# Under the production retry deadline (120 s), so a run that waited out its retries
+# fails; loose enough for a loaded 2-core CI machine (an extraction that fails one table
+# takes 7-19 s here). The request counts checked beside it prove nothing was retried.
+FAIL_FAST_SECONDS = 90
 DOOMED = "bqx-doomed"
 
 
@@ -382,10 +385,10 @@ class _ScriptedReader:
     messages cut at its deadline, and one silent for longer than the retry deadline,
     which the emulator (one message per stream) and the proxy cannot give quickly. Call i
     yields ``script[i]``'s row counts as messages, then ends, or fails with
-    DEADLINE_EXCEEDED (after ``pause`` seconds) when the script says so."""
+    DEADLINE_EXCEEDED (after ``pause`` seconds of ``clock``) when the script says so."""
 
-    def __init__(self, script, pause: float = 0.0):
-        self.script, self.pause, self.offsets = script, pause, []
+    def __init__(self, script, pause: float = 0.0, clock=None):
+        self.script, self.pause, self.clock, self.offsets = script, pause, clock, []
 
     def read_rows(self, name, offset, retry, timeout):
         from google.api_core import exceptions
@@ -395,7 +398,8 @@ class _ScriptedReader:
         for count in rows:
             yield types.SimpleNamespace(row_count=count)
         if fails:
-            time.sleep(self.pause)
+            if self.clock is not None:
+                self.clock.now += self.pause
             raise exceptions.DeadlineExceeded("Deadline Exceeded")
 
 
@@ -411,13 +415,18 @@ def test_a_read_stream_silent_past_the_retry_deadline_fails_in_one_line(monkeypa
     from pipelines.errors import PipelineError
     from pipelines.sources import read_stream
 
-    monkeypatch.setenv("BQX_RETRY_SECONDS", "0.3")
-    reader = _ScriptedReader([([7], True), ([], True)], pause=0.1)
+    from pipelines import sources
+
+    # A clock that moves only when a call waits, so the count of calls does not depend
+    # on how late the machine wakes a sleeping thread.
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(sources, "time", types.SimpleNamespace(monotonic=lambda: clock.now))
+    monkeypatch.setenv("BQX_RETRY_SECONDS", "25")
+    reader = _ScriptedReader([([7], True), ([], True)], pause=10, clock=clock)
     with pytest.raises(PipelineError, match=r"^Storage Read API stream projects/p/s sent no rows "
-                                            r"for \d+ s: 504 Deadline Exceeded$"):
+                                            r"for 30 s: 504 Deadline Exceeded$"):
         list(read_stream(reader, "projects/p/s"))
-    assert reader.offsets[0] == 0 and set(reader.offsets[1:]) == {7}
-    assert 3 <= len(reader.offsets) <= 6
+    assert reader.offsets == [0, 7, 7]  # silent for 10, 20 (read on), then 30 s (> 25)
 
 
 def test_a_bad_request_timeout_is_one_clear_error_before_any_request(bq_warehouse, proxies,

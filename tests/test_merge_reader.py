@@ -4,7 +4,7 @@ a wide table in slices of columns, and shards that are damaged, gone or unreadab
 The read-ahead tests use stand-in cursors that only count their reads: read_ahead needs
 nothing else of a ShardCursor, and the real cursors are covered by every merge test."""
 import functools
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 import pytest
 
@@ -23,20 +23,30 @@ class _Cursor:
         return (self.index, count)
 
 
+class _AtOnce(Executor):
+    """Runs each read as it is submitted, so the log holds exactly the reads started,
+    however slowly a loaded machine would start a pool's threads."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed on, as a pool does
+            future.set_exception(exc)
+        return future
+
+
 def test_tables_come_in_order_with_reads_ahead_bounded_by_bytes():
     """Reads run ahead of the table handed out while their bytes add up to the limit:
     many small ones, a single one larger than the limit alone, never more."""
-    import time
-
     sizes = [10, 10, 30, 5, 5, 5, 1, 1, 50, 10, 10, 10]
     log: list = []
     most_ahead = 0
-    with ThreadPoolExecutor(2) as pool:
+    with _AtOnce() as pool:
         handed = []
         for table in read_ahead(pool, [(functools.partial(_Cursor(i, log).read_shards, 3), size)
                                        for i, size in enumerate(sizes)], ahead_bytes=25):
             handed.append(table)
-            time.sleep(0.02)  # the reads ahead are done by now
             ahead = [i for i in log if i >= len(handed)]
             assert sum(sizes[i] for i in ahead) <= 25 or len(ahead) == 1
             most_ahead = max(most_ahead, len(ahead))

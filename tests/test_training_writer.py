@@ -326,7 +326,8 @@ def test_a_failed_encoding_stops_a_caller_waiting_for_a_place(monkeypatch):
 def test_the_caller_waits_for_a_place_and_the_writer_holds_a_fixed_number_of_pieces(monkeypatch):
     """However many columns are handed over, at most threads + SPARE_PIECES pieces are
     in the writer (handed to the encoders and not yet appended): the caller waits for a
-    place instead. Encoding is slowed so that every place fills."""
+    place instead. Encoding and appending are slowed so that every place fills: encoded
+    pieces wait for the one appender."""
     import threading
     import time
 
@@ -344,6 +345,7 @@ def test_the_caller_waits_for_a_place_and_the_writer_holds_a_fixed_number_of_pie
         return real_encode(piece, key)
 
     def counted_append(self, group, files):
+        time.sleep(0.03)
         real_append(self, group, files)
         with lock:
             inside[0] -= 1
