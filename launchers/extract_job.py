@@ -1,7 +1,8 @@
 """Entry point of the extract container: ``python -m launchers.extract_job [PAIR] [flags]``.
 
 Configured by the environment: PAIR (or CLOUD_RUN_TASK_INDEX + PAIRS),
-GCS_CHECKPOINT_BUCKET, EXTRACTION_WORKERS, BQX_SOURCE, START_DATE/END_DATE or WINDOW_DAYS. Other
+GCS_CHECKPOINT_BUCKET, EXTRACTION_WORKERS, BQX_SOURCE, START_DATE/END_DATE or WINDOW_DAYS
+and AS_OF_DATE. Other
 flags go to ``pipelines.extract`` as they are (Beam flags included).
 """
 import sys

@@ -96,9 +96,31 @@ def window_from_options(start: str | None, end: str | None,
     return window_from_dates(parse_date(start, "--start-date"), parse_date(end, "--end-date"))
 
 
-def window_covering(first_key: dt.datetime, last_key: dt.datetime, today: dt.date) -> Window:
+def as_of_day(value: str | None, today: dt.date, dates_given: bool) -> dt.date | None:
+    """The day the default window is worked out on, ``value`` (``--as-of``,
+    YYYY-MM-DD), checked against ``today`` (UTC); None without it (the day the job
+    starts is taken).
+
+    One day given to every job of a run makes their default windows the same, whenever
+    each starts: pairs extracted after midnight, and a task retried after it, get the
+    window of the run. It shapes only the default window, so it cannot come with the
+    dates, and it cannot be after ``today``: that would take in a day not yet over."""
+    if not value:
+        return None
+    if dates_given:
+        raise PipelineError("give --as-of or --start-date/--end-date, not both: --as-of "
+                            "only works out the window the dates would replace")
+    day = parse_date(value, "--as-of")
+    if day > today:
+        raise PipelineError(f"--as-of {day} is after today ({today}, UTC): a day not yet "
+                            "over may still change")
+    return day
+
+
+def window_covering(first_key: dt.datetime, last_key: dt.datetime, today: dt.date,
+                    today_name: str = "today") -> Window:
     """The whole-day window that covers the keys ``first_key`` .. ``last_key``, ending
-    with the day before ``today`` (UTC) at the latest.
+    with the day before ``today`` (UTC; ``today_name`` names it in errors) at the latest.
 
     A day not yet over is left out: its tables may still be appended to, so its rows
     would differ from one run to the next under the same window (and between a shard's
@@ -108,7 +130,7 @@ def window_covering(first_key: dt.datetime, last_key: dt.datetime, today: dt.dat
         yesterday = today - dt.timedelta(days=1)
         if first > yesterday:
             raise PipelineError(
-                f"the targets cover only {first} .. {last}, no whole day before today "
+                f"the targets cover only {first} .. {last}, no whole day before {today_name} "
                 f"({today}, UTC): give --start-date and --end-date to extract them")
         last = yesterday
     return window_from_dates(first, last)

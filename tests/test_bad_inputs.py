@@ -74,7 +74,8 @@ def test_extract_help_lists_the_jobs_own_options(tmp_path):
     nothing (no sample warehouse, no checkpoints)."""
     proc = run_module("pipelines.extract", "--help", env={"BQX_DATA_DIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
-    for text in ("--pair PAIR", "--days N", "[WINDOW_DAYS]", "--checkpoint-root", "--runner"):
+    for text in ("--pair PAIR", "--days N", "[WINDOW_DAYS]", "[AS_OF_DATE]", "--checkpoint-root",
+                 "--runner"):
         assert text in proc.stdout
     assert os.listdir(tmp_path) == []
 
@@ -223,6 +224,35 @@ def test_days_extracts_and_merges_the_last_days_of_the_targets(warehouse, ck, tm
             assert proc.returncode == 2, proc.stderr
             assert expected in _error_line(proc)
     assert file_states(ck) == before and not os.path.exists(tmp_path / "x.parquet")
+
+
+def test_as_of_pins_the_default_window_and_is_refused_where_it_cannot_apply(warehouse, ck):
+    """AS_OF_DATE (--as-of) is the day taken as today: the targets reach 2025-01-07, so
+    as of that day the default window ends on the 6th, whenever the job runs (the
+    workflow sets it once per execution). With dates, after today or malformed it is
+    refused in one line and nothing is written."""
+    (default,) = checkpoints.find_windows(ck, PAIR)  # 2025-01-06 .. 2025-01-07
+    proc = run_module("pipelines.extract", "--pair", PAIR, "--source", f"duckdb://{warehouse}",
+                      "--checkpoint-root", ck, "--shard-days", "1",
+                      env={"AS_OF_DATE": "2025-01-07"})
+    assert proc.returncode == 0, proc.stderr
+    assert "window ends with 2025-01-06, the last whole day before the --as-of day" in proc.stderr
+    first_day = window_from_dates(dt.date(2025, 1, 6), dt.date(2025, 1, 6))
+    assert sorted(checkpoints.find_windows(ck, PAIR)) == [first_day, default]
+
+    before = file_states(ck)
+    later = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)).date().isoformat()
+    bad = (({"AS_OF_DATE": "2025-01-07"}, ["--start-date", "2025-01-06", "--end-date", "2025-01-06"],
+            "error: give --as-of or --start-date/--end-date, not both: --as-of only works out "
+            "the window the dates would replace"),
+           ({}, ["--as-of", later], f"error: --as-of {later} is after today ("),
+           ({"AS_OF_DATE": "7 Jan"}, [], "error: --as-of '7 Jan' is not a date like 2024-01-31"))
+    for env, args, expected in bad:
+        proc = run_module("pipelines.extract", "--pair", PAIR, "--source", f"duckdb://{warehouse}",
+                          "--checkpoint-root", ck, *args, env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert _error_line(proc).startswith(expected), proc.stderr
+    assert file_states(ck) == before
 
 
 def test_demo_merges_the_window_it_extracted_beside_others(tmp_path):

@@ -7,7 +7,7 @@ import sqlglot
 from pipelines import sql
 from pipelines.catalog import Column, TableSpec
 from pipelines.errors import PipelineError
-from pipelines.window import UTC, Window, shards, window_covering, window_from_dates
+from pipelines.window import UTC, Window, as_of_day, shards, window_covering, window_from_dates
 
 SPEC = TableSpec("ds", "reg_eurusd", "pair", False, "reg",
                  (Column("slope", "reg_slope", "FLOAT64"), Column("select", "reg_select", "INT64")))
@@ -46,6 +46,28 @@ def test_the_default_window_leaves_out_a_day_not_yet_over():
     with pytest.raises(PipelineError, match=r"cover only 2026-12-07 \.\. 2026-12-07, no whole "
                                             r"day before today \(2026-12-07, UTC\): give --start-date"):
         window_covering(at(7, 1), at(7, 13), today)
+
+
+def test_as_of_is_the_day_taken_as_today_for_the_default_window():
+    """--as-of (AS_OF_DATE) pins "today" for a run: not after the real today (that would
+    take in a day not yet over), and not with dates, whose window it does not shape."""
+    today = dt.date(2026, 12, 7)
+    assert as_of_day(None, today, dates_given=False) is None
+    assert as_of_day("", today, dates_given=True) is None
+    assert as_of_day("2026-12-05", today, dates_given=False) == dt.date(2026, 12, 5)
+    assert as_of_day("2026-12-07", today, dates_given=False) == today
+    with pytest.raises(PipelineError, match=r"^--as-of 2026-12-08 is after today \(2026-12-07, UTC\)"):
+        as_of_day("2026-12-08", today, dates_given=False)
+    with pytest.raises(PipelineError, match=r"^give --as-of or --start-date/--end-date, not both"):
+        as_of_day("2026-12-05", today, dates_given=True)
+    with pytest.raises(PipelineError, match=r"^--as-of '12/05/2026' is not a date like 2024-01-31$"):
+        as_of_day("12/05/2026", today, dates_given=False)
+    # The window it gives, and its error naming the day for what it is.
+    keys = dt.datetime(2026, 12, 1, tzinfo=UTC), dt.datetime(2026, 12, 6, 23, tzinfo=UTC)
+    assert window_covering(*keys, dt.date(2026, 12, 5)) == window_from_dates(
+        dt.date(2026, 12, 1), dt.date(2026, 12, 4))
+    with pytest.raises(PipelineError, match=r"no whole day before the --as-of day \(2026-12-01, UTC\)"):
+        window_covering(*keys, dt.date(2026, 12, 1), "the --as-of day")
 
 
 def test_an_extraction_of_targets_still_appended_to_stops_at_yesterday(warehouse, tmp_path, caplog):

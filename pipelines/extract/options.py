@@ -36,6 +36,12 @@ class ExtractOptions(PipelineOptions):
                             default=env_number("WINDOW_DAYS", None, int, minimum=1),
                             help="without dates: only the last N of those days "
                                  "[WINDOW_DAYS]")
+        parser.add_argument("--as_of", "--as-of", dest="as_of", metavar="YYYY-MM-DD",
+                            default=os.environ.get("AS_OF_DATE"),
+                            help="without dates: the day taken as today (UTC) for that "
+                                 "window, which ends the day before at the latest "
+                                 "[AS_OF_DATE]; the workflow sets it once per run, so that "
+                                 "every pair and every retried task gets the same window")
         parser.add_argument("--catalog", default=os.environ.get("BQX_CATALOG"),
                             help="catalog TOML file [BQX_CATALOG]; default: the shipped one")
         parser.add_argument("--shard_days", "--shard-days", dest="shard_days", type=int,

@@ -1,6 +1,7 @@
 """The extract job: plan, run the Beam pipeline over the pending tasks, verify, commit."""
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import shutil
@@ -19,7 +20,7 @@ from pipelines.extract.plan import ExtractionPlan, make_plan
 from pipelines.extract.transforms import FAILED, ExtractShards
 from pipelines.extract.verify import ExtractionIncomplete, commit_manifest
 from pipelines.sources import default_warehouse_path, duckdb_url, open_source
-from pipelines.window import Window, window_from_options
+from pipelines.window import UTC, Window, as_of_day, window_from_options
 
 log = logging.getLogger("pipelines.extract")
 
@@ -124,13 +125,14 @@ def extract(argv: list[str]) -> Window:
     pair = catalog.check_pair(opts.pair)
     root = storage.resolve_local(opts.checkpoint_root or default_checkpoint_root())
     window = window_from_options(opts.start_date, opts.end_date, opts.days)
+    as_of = as_of_day(opts.as_of, dt.datetime.now(UTC).date(), window is not None)
     source_url = resolve_source(opts, opts.catalog, pair)
 
     with cli.stage("discover", pair=pair, source=source_url) as out:
         source = open_source(source_url)
         try:
             plan = make_plan(source, catalog, pair, window, root, opts.shard_days,
-                             opts.on_duplicate_keys, opts.days)
+                             opts.on_duplicate_keys, opts.days, as_of)
         finally:
             source.close()
         groups: dict[str, int] = {}

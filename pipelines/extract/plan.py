@@ -53,21 +53,24 @@ def discover(source, catalog: Catalog, pair: str) -> list[TableSpec]:
     return plan_tables(catalog, pair, features, targets)
 
 
-def default_window(source, catalog: Catalog, pair: str, days: int | None = None) -> Window:
+def default_window(source, catalog: Catalog, pair: str, days: int | None = None,
+                   as_of: dt.date | None = None) -> Window:
     """The whole days covered by the pair's targets (valid keys only) up to yesterday
-    in UTC (see :func:`pipelines.window.window_covering`); with ``days``, only the last
-    ``days`` of them."""
+    in UTC (see :func:`pipelines.window.window_covering`), or up to the day before
+    ``as_of`` (``--as-of``) when given; with ``days``, only the last ``days`` of them."""
     query = sql.key_range(catalog.targets_dataset, catalog.targets_table_for(pair),
                           catalog.key, min_valid_key(catalog), source.project)
     row = source.query_rows(query)[0]
     if row["first_key"] is None:
         raise PipelineError(f"targets table {catalog.targets_table_for(pair)} has no rows "
                             f"with {catalog.key} after {catalog.min_valid_key}")
-    window = window_covering(row["first_key"], row["last_key"], dt.datetime.now(UTC).date())
+    today = "today" if as_of is None else "the --as-of day"
+    window = window_covering(row["first_key"], row["last_key"],
+                             as_of or dt.datetime.now(UTC).date(), today)
     if window.end <= row["last_key"]:
-        log.info("window ends with %s, the last whole day before today: the targets reach "
+        log.info("window ends with %s, the last whole day before %s: the targets reach "
                  "%s, and a day not yet over may still change (--start-date and --end-date "
-                 "choose another window)", window.last_day, row["last_key"])
+                 "choose another window)", window.last_day, today, row["last_key"])
     if days is not None and last_days(window, days) != window:
         window = last_days(window, days)
         log.info("window: the last %d days the targets cover, %s .. %s (--days)", days,
@@ -118,14 +121,16 @@ def clip_window(window: Window, catalog: Catalog) -> Window:
 
 
 def make_plan(source, catalog: Catalog, pair: str, window: Window | None, root: str,
-              shard_days: int, policy: str, days: int | None = None) -> ExtractionPlan:
+              shard_days: int, policy: str, days: int | None = None,
+              as_of: dt.date | None = None) -> ExtractionPlan:
     """Discover the pair's tables and lay out every task of the extraction (in
-    ``window``, or else the default window, of the last ``days`` when given)."""
+    ``window``, or else the default window as of ``as_of``, of the last ``days`` when
+    given)."""
     checkpoints.check_root(root)
     if window is not None:
         window = clip_window(window, catalog)
     specs = discover(source, catalog, pair)
     if window is None:
-        window = default_window(source, catalog, pair, days)
+        window = default_window(source, catalog, pair, days, as_of)
     tasks = build_tasks(catalog, pair, specs, window, root, shard_days, policy, source.project)
     return ExtractionPlan(pair, window, catalog.key, root, shard_days, specs, tasks)
