@@ -64,13 +64,15 @@ def default_window(source, catalog: Catalog, pair: str, days: int | None = None,
     if row["first_key"] is None:
         raise PipelineError(f"targets table {catalog.targets_table_for(pair)} has no rows "
                             f"with {catalog.key} after {catalog.min_valid_key}")
-    today = "today" if as_of is None else "the --as-of day"
-    window = window_covering(row["first_key"], row["last_key"],
-                             as_of or dt.datetime.now(UTC).date(), today)
+    if as_of is None:
+        day, name, why = dt.datetime.now(UTC).date(), "today", "a day not yet over may still change"
+    else:
+        day, name, why = as_of, "the --as-of day", "the run's window is worked out as of that day"
+    window = window_covering(row["first_key"], row["last_key"], day, name)
     if window.end <= row["last_key"]:
-        log.info("window ends with %s, the last whole day before %s: the targets reach "
-                 "%s, and a day not yet over may still change (--start-date and --end-date "
-                 "choose another window)", window.last_day, today, row["last_key"])
+        log.info("window ends with %s, the last whole day before %s (%s, UTC): the targets "
+                 "reach %s, and %s (--start-date and --end-date choose another window)",
+                 window.last_day, name, day, row["last_key"], why)
     if days is not None and last_days(window, days) != window:
         window = last_days(window, days)
         log.info("window: the last %d days the targets cover, %s .. %s (--days)", days,
