@@ -1,8 +1,8 @@
 """Entry point of the extract container: ``python -m launchers.extract_job [PAIR] [flags]``.
 
 Configured by the environment: PAIR (or CLOUD_RUN_TASK_INDEX + PAIRS),
-GCS_CHECKPOINT_BUCKET, EXTRACTION_WORKERS, BQX_SOURCE, START_DATE/END_DATE or WINDOW_DAYS
-and AS_OF_DATE. Other
+GCS_CHECKPOINT_BUCKET, EXTRACTION_WORKERS, BQX_SOURCE, and the window: START_DATE/END_DATE,
+or AS_OF_DATE and WINDOW_DAYS (each optional). Other
 flags go to ``pipelines.extract`` as they are (Beam flags included).
 """
 import sys

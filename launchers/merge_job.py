@@ -1,8 +1,8 @@
 """Entry point of the merge container: ``python -m launchers.merge_job [PAIR] [flags]``.
 
 Configured by the environment: PAIR (or CLOUD_RUN_TASK_INDEX + PAIRS),
-GCS_CHECKPOINT_BUCKET, GCS_OUTPUT_BUCKET, MERGE_METHOD, MEMORY_BUDGET, START_DATE/END_DATE or
-WINDOW_DAYS (the window to merge).
+GCS_CHECKPOINT_BUCKET, GCS_OUTPUT_BUCKET, MERGE_METHOD, MEMORY_BUDGET, and the window to
+merge: START_DATE/END_DATE, or AS_OF_DATE and WINDOW_DAYS (each optional).
 """
 import sys
 

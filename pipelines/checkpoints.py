@@ -337,10 +337,15 @@ def windows_ending_last(windows: Iterable[Window], days: int = 1) -> list[Window
     return sorted(w for w in windows if w.end in ends)
 
 
-def merge_candidates(windows: Iterable[Window], days: int | None = None) -> list[Window]:
+def merge_candidates(windows: Iterable[Window], days: int | None = None,
+                     as_of: dt.date | None = None) -> list[Window]:
     """The committed ``windows`` a merge given no dates chooses among: those ending last
     (more than one is ambiguous); with ``days``, of those of at most ``days`` days, the
-    longest among those ending last (none when no window is that short)."""
+    longest among those ending last (none when no window is that short). With
+    ``as_of`` (``--as-of``), only windows ending before that day count, as the
+    extraction given the same day commits."""
+    if as_of is not None:
+        windows = [w for w in windows if w.last_day < as_of]
     if days is not None:
         windows = [w for w in windows if length_days(w) <= days]
     last = windows_ending_last(windows)
@@ -348,7 +353,7 @@ def merge_candidates(windows: Iterable[Window], days: int | None = None) -> list
 
 
 def load_manifest(root: str, pair: str, window: Window | None = None,
-                  days: int | None = None) -> Manifest:
+                  days: int | None = None, as_of: dt.date | None = None) -> Manifest:
     """The committed manifest of ``pair``; refuses (naming what is missing) otherwise.
 
     Without ``window`` it is the committed window that ends last: the default window
@@ -357,8 +362,10 @@ def load_manifest(root: str, pair: str, window: Window | None = None,
     ambiguous and refused, unless ``days`` is given: then only windows of at most
     ``days`` days count, and of those ending last the longest is taken (what an
     extraction with ``--days`` commits: that many days, or fewer when the targets cover
-    fewer). The manifest is checked as hostile input (:func:`manifest_problem`) before
-    anything it names is read.
+    fewer). With ``as_of`` only windows ending before that day count: the extraction
+    given the same ``--as-of`` commits one, and a later window committed meanwhile (by a
+    run on a later day) is not taken. The manifest is checked as hostile input
+    (:func:`manifest_problem`) before anything it names is read.
     """
     check_root(root)
     if window is None:
@@ -368,11 +375,13 @@ def load_manifest(root: str, pair: str, window: Window | None = None,
                 f"no committed extraction of pair {pair!r} under {root} "
                 f"(no {storage.join(root, 'pairs', pair, 'manifests', '*.SUCCESS')}); "
                 "run the extract job first")
-        last = merge_candidates(committed, days)
+        last = merge_candidates(committed, days, as_of)
         if not last:
+            rules = ([f"of at most {days} days"] if days is not None else []) + \
+                ([f"ending before the --as-of day {as_of}"] if as_of is not None else [])
             raise PipelineError(
-                f"pair {pair!r} has no extracted window of at most {days} days under "
-                f"{root}; run the extract job with --days {days}")
+                f"pair {pair!r} has no extracted window {' and '.join(rules)} under "
+                f"{root}; run the extract job with the same options")
         if len(last) > 1:
             raise PipelineError(
                 f"pair {pair!r} has {len(last)} extracted windows whose last day is "
@@ -383,6 +392,8 @@ def load_manifest(root: str, pair: str, window: Window | None = None,
         if len(committed) > 1:
             rule = "the one ending last" if days is None else \
                 f"the longest of at most {days} days among those ending last"
+            if as_of is not None:
+                rule += f" before the --as-of day {as_of}"
             log.info("pair %s has %d extracted windows under %s; using %s, %s "
                      "(--start-date/--end-date choose another: %s)", pair, len(committed), root,
                      rule, window.id, ", ".join(w.id for w in committed if w != window))

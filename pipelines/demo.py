@@ -29,9 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     window = extract(["--pair", args.pair, "--sample-rows", str(args.rows)])
     output = os.path.join(data, "output", f"training_{args.pair}.parquet")
     # The window just extracted, by its dates: other windows extracted by hand into the
-    # same folder (--days, --start-date) may end on the same day. WINDOW_DAYS, if set,
-    # chose it already, and would clash with the dates.
-    os.environ.pop("WINDOW_DAYS", None)
+    # same folder (--days, --start-date) may end on the same day. WINDOW_DAYS and
+    # AS_OF_DATE, if set, chose it already, and would clash with the dates.
+    for chosen in ("WINDOW_DAYS", "AS_OF_DATE"):
+        os.environ.pop(chosen, None)
     code = merge(["--pair", args.pair, "--method", args.method, "--output", output, "--overwrite",
                   "--start-date", window.start.date().isoformat(),
                   "--end-date", window.last_day.isoformat()])

@@ -226,11 +226,12 @@ def test_days_extracts_and_merges_the_last_days_of_the_targets(warehouse, ck, tm
     assert file_states(ck) == before and not os.path.exists(tmp_path / "x.parquet")
 
 
-def test_as_of_pins_the_default_window_and_is_refused_where_it_cannot_apply(warehouse, ck):
+def test_as_of_pins_the_default_window_and_is_refused_where_it_cannot_apply(warehouse, ck, tmp_path):
     """AS_OF_DATE (--as-of) is the day taken as today: the targets reach 2025-01-07, so
     as of that day the default window ends on the 6th, whenever the job runs (the
-    workflow sets it once per execution). With dates, after today or malformed it is
-    refused in one line and nothing is written."""
+    workflow sets it once per execution), and the merge given the same day takes that
+    window although another ends later. With dates, after today or malformed it is
+    refused in one line by both jobs and nothing is written."""
     (default,) = checkpoints.find_windows(ck, PAIR)  # 2025-01-06 .. 2025-01-07
     proc = run_module("pipelines.extract", "--pair", PAIR, "--source", f"duckdb://{warehouse}",
                       "--checkpoint-root", ck, "--shard-days", "1",
@@ -240,6 +241,13 @@ def test_as_of_pins_the_default_window_and_is_refused_where_it_cannot_apply(ware
     first_day = window_from_dates(dt.date(2025, 1, 6), dt.date(2025, 1, 6))
     assert sorted(checkpoints.find_windows(ck, PAIR)) == [first_day, default]
 
+    out = str(tmp_path / "o.parquet")
+    proc = _merge(ck, out, env={"AS_OF_DATE": "2025-01-07"})
+    assert proc.returncode == 0, proc.stderr
+    assert f"using the one ending last before the --as-of day 2025-01-07, {first_day.id}" in proc.stderr
+    spine = checkpoints.load_manifest(ck, PAIR, first_day).targets["rows"]
+    assert pq.read_metadata(out).num_rows == spine < checkpoints.load_manifest(ck, PAIR).targets["rows"]
+
     before = file_states(ck)
     later = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2)).date().isoformat()
     bad = (({"AS_OF_DATE": "2025-01-07"}, ["--start-date", "2025-01-06", "--end-date", "2025-01-06"],
@@ -248,11 +256,18 @@ def test_as_of_pins_the_default_window_and_is_refused_where_it_cannot_apply(ware
            ({}, ["--as-of", later], f"error: --as-of {later} is after today ("),
            ({"AS_OF_DATE": "7 Jan"}, [], "error: --as-of '7 Jan' is not a date like 2024-01-31"))
     for env, args, expected in bad:
-        proc = run_module("pipelines.extract", "--pair", PAIR, "--source", f"duckdb://{warehouse}",
-                          "--checkpoint-root", ck, *args, env=env)
-        assert proc.returncode == 2, proc.stderr
-        assert _error_line(proc).startswith(expected), proc.stderr
-    assert file_states(ck) == before
+        for module, extra in (("pipelines.merge", ["--output", str(tmp_path / "x.parquet")]),
+                              ("pipelines.extract", ["--source", f"duckdb://{warehouse}"])):
+            proc = run_module(module, "--pair", PAIR, "--checkpoint-root", ck, *extra, *args, env=env)
+            assert proc.returncode == 2, proc.stderr
+            assert _error_line(proc).startswith(expected), proc.stderr
+    # No window ends before the 6th: the merge says so.
+    proc = _merge(ck, str(tmp_path / "x.parquet"), "--as-of", "2025-01-06")
+    assert proc.returncode == 2, proc.stderr
+    assert _error_line(proc) == (f"error: pair 'eurusd' has no extracted window ending before the "
+                                 f"--as-of day 2025-01-06 under {ck}; run the extract job with the "
+                                 "same options")
+    assert file_states(ck) == before and not os.path.exists(tmp_path / "x.parquet")
 
 
 def test_demo_merges_the_window_it_extracted_beside_others(tmp_path):

@@ -297,11 +297,10 @@ def test_workflow_runs_extract_then_merge_per_pair_in_parallel(monkeypatch):
     # days (WINDOW_DAYS), never both, never one date alone; refused before any execution.
     job_calls = [n for _p, n in walk(wf["main"]) if n.get("call") == "run_job"]
     assert len(job_calls) == 3
-    assert {c["args"]["job"]: c["args"]["window_env"] for c in job_calls} == {
-        "${extract_job}": "${extract_env}", "${merge_job}": "${window_env}"}
+    assert all(c["args"]["window_env"] == "${window_env}" for c in job_calls)
     step_names = [next(iter(s)) for s in wf["main"]["steps"]]
-    assert (step_names.index("check_window") < step_names.index("extract_window")
-            < step_names.index("pin_the_day") < step_names.index("seed"))
+    assert (step_names.index("check_window") < step_names.index("pin_the_day")
+            < step_names.index("seed"))
     check = wf["main"]["steps"][step_names.index("check_window")]["check_window"]["switch"]
     assert check[0]["condition"] == "${days != null and (start_date != null or end_date != null)}"
     assert "raise" in check[0]
@@ -314,17 +313,16 @@ def test_workflow_runs_extract_then_merge_per_pair_in_parallel(monkeypatch):
     assert check[3]["condition"] == "${days != null}"
     assert check[3]["assign"] == [{"window_env": [
         {"name": "WINDOW_DAYS", "value": "${string(int(days))}"}]}]
-    # Without dates the extractions also get the execution's start day (UTC), taken
-    # once, so that every pair and every retried task works out the same window.
+    # Without dates both jobs also get the execution's start day (UTC), taken once, so
+    # that every pair and every retried task works out the same window, and each merge
+    # takes a window ending before that day.
     (options,) = [s["options"]["assign"] for s in wf["main"]["steps"] if "options" in s]
     assert {k: v for d in options for k, v in d.items()}["as_of"] == \
         "${text.substring(time.format(sys.now()), 0, 10)}"
-    assert wf["main"]["steps"][step_names.index("extract_window")]["extract_window"] == {
-        "assign": [{"extract_env": "${window_env}"}]}
     (pin,) = wf["main"]["steps"][step_names.index("pin_the_day")]["pin_the_day"]["switch"]
     assert pin == {"condition": "${start_date == null}", "assign": [
         {"as_of_entry": {"name": "AS_OF_DATE", "value": "${as_of}"}},
-        {"extract_env": "${list.concat(window_env, as_of_entry)}"}]}
+        {"window_env": "${list.concat(window_env, as_of_entry)}"}]}
     # The variables the workflow sets are the ones both jobs read.
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -332,12 +330,10 @@ def test_workflow_runs_extract_then_merge_per_pair_in_parallel(monkeypatch):
     from pipelines.merge.job import parse_args
 
     names = {"START_DATE": ("2025-01-06", "start_date"), "END_DATE": ("2025-01-07", "end_date"),
-             "WINDOW_DAYS": ("70", "days")}
+             "WINDOW_DAYS": ("70", "days"), "AS_OF_DATE": ("2025-01-08", "as_of")}
     for name, (value, _attr) in names.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("AS_OF_DATE", "2025-01-08")
     extract = PipelineOptions([]).view_as(ExtractOptions)
-    assert extract.as_of == "2025-01-08"
     merge = parse_args(["eurusd"])
     for _name, (value, attr) in names.items():
         expected = int(value) if attr == "days" else value

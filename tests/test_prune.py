@@ -181,7 +181,8 @@ def test_bad_prune_options(tmp_path):
 
 def test_the_merge_without_dates_chooses_among_the_windows_ending_last():
     """Without --days, every window ending last (two are ambiguous); with --days N, the
-    longest of at most N days among those ending last."""
+    longest of at most N days among those ending last; with --as-of, only windows
+    ending before that day."""
     def days(first, last):
         return window_from_dates(dt.date(2025, 1, first), dt.date(2025, 1, last))
 
@@ -191,6 +192,10 @@ def test_the_merge_without_dates_chooses_among_the_windows_ending_last():
     assert checkpoints.merge_candidates(windows, days=4) == [days(3, 5)]
     assert checkpoints.merge_candidates(windows, days=5) == [days(1, 5)]
     assert checkpoints.merge_candidates([days(1, 4)], days=2) == []
+    assert checkpoints.merge_candidates(windows, as_of=dt.date(2025, 1, 6)) == checkpoints.merge_candidates(windows)
+    assert checkpoints.merge_candidates(windows, as_of=dt.date(2025, 1, 5)) == [days(1, 4)]
+    assert checkpoints.merge_candidates(windows, days=2, as_of=dt.date(2025, 1, 5)) == []
+    assert checkpoints.merge_candidates(windows, days=1, as_of=dt.date(2025, 1, 6)) == [days(5, 5)]
 
 
 def test_keep_dates_must_be_first_and_last_day():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime as dt
 import functools
 import gc
 import itertools
@@ -25,7 +26,7 @@ from pipelines.merge import budget as budgets
 from pipelines.merge.reader import ShardCursor, has_keys, int_keys, read_ahead
 from pipelines.merge.writer import TrainingFileWriter
 from pipelines.validate import ColumnCounts, KeyDigest, default_report_path, validate_file
-from pipelines.window import window_from_options
+from pipelines.window import UTC, as_of_day, window_from_options
 
 log = logging.getLogger("pipelines.merge")
 
@@ -404,6 +405,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="without dates: the extracted window that ends last among those of "
                         "at most N days, the longest of them (what the extract job's --days N "
                         "commits) [WINDOW_DAYS]")
+    p.add_argument("--as-of", metavar="YYYY-MM-DD", default=cli.env_default("AS_OF_DATE"),
+                   help="without dates: only windows ending before this day count (what the "
+                        "extract job given the same day commits) [AS_OF_DATE]")
     p.add_argument("--catalog", default=cli.env_default("BQX_CATALOG"), help="catalog TOML file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--column-batch-size", default=cli.env_default("COLUMN_BATCH_SIZE"),
@@ -453,7 +457,8 @@ def run(argv: list[str] | None = None) -> int:
     else:
         output = storage.resolve_local(args.output or default_output(pair))
     window = window_from_options(args.start_date, args.end_date, args.days)
-    manifest = checkpoints.load_manifest(root, pair, window, args.days)
+    as_of = as_of_day(args.as_of, dt.datetime.now(UTC).date(), window is not None)
+    manifest = checkpoints.load_manifest(root, pair, window, args.days, as_of)
     started = time.monotonic()
     if args.method == "bigquery":
         from pipelines.merge import bigquery as bq_merge
