@@ -1,6 +1,7 @@
 """What every entry point shares: logging, stage timing, progress, and error exits."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import math
@@ -16,6 +17,15 @@ from pipelines.errors import PipelineError
 log = logging.getLogger("pipelines")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a usage error is one line, ``error: <message>``, exit 2,
+    like every other bad input (argparse prints the whole usage before it, which for a
+    job with Beam's flags is dozens of lines)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {message} (--help lists the options)\n")
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
-from pipelines.cli import run_main
+from pipelines.cli import ArgumentParser, run_main
 from pipelines.errors import PipelineError
 from pipelines.extract.batches import MAX_BATCH_TASKS
 
@@ -311,7 +311,7 @@ def report(one: Estimate, all_: Estimate, scanned_source: str, shared_fraction: 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Options of ``python -m pipelines.cost``."""
-    p = argparse.ArgumentParser(prog="python -m pipelines.cost",
+    p = ArgumentParser(prog="python -m pipelines.cost",
                                 description="Estimate the cost of extracting and merging pairs.")
     p.add_argument("--pairs", default="all", help="all (default) or a comma list: eurusd,gbpusd")
     src = p.add_mutually_exclusive_group()

@@ -6,7 +6,6 @@ warehouse and finished checkpoints are reused, the training file is rebuilt.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -16,7 +15,7 @@ from pipelines import cli
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit code."""
-    p = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__)
+    p = cli.ArgumentParser(prog="python -m pipelines.demo", description=__doc__)
     p.add_argument("--pair", default=cli.env_default("PAIR", "eurusd"))
     p.add_argument("--rows", type=int, default=10000, help="rows of the sample warehouse")
     p.add_argument("--method", default=cli.env_default("MERGE_METHOD", "polars"))

@@ -17,7 +17,6 @@ function and so may change with the DuckDB version.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import datetime as dt
@@ -34,6 +33,7 @@ from typing import Callable, Sequence
 import duckdb
 
 from pipelines.catalog import Catalog, load_catalog
+from pipelines.cli import ArgumentParser
 from pipelines.errors import PipelineError
 
 UTC = dt.timezone.utc
@@ -257,7 +257,7 @@ def build_warehouse(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for a PipelineError)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m pipelines.sample",
         description="Write a DuckDB sample warehouse laid out like the BigQuery source.")
     parser.add_argument("--warehouse", required=True, help="the .duckdb file to create or add to")

@@ -22,7 +22,6 @@ Exit status: 0 pass, 1 hard failure, 2 file missing/unreadable/not parquet.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import datetime as dt
@@ -39,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.cli import ArgumentParser
 from pipelines.errors import PipelineError, first_line
 
 METADATA_KEY = b"bqx.training"
@@ -1327,7 +1327,7 @@ def _show(column: pa.ChunkedArray, i: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns 0 pass, 1 hard failure, 2 PipelineError."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m pipelines.validate",
         description="Validate a training parquet file and write a JSON report beside it.")
     parser.add_argument("path", help="the training parquet file, or a folder / gs:// prefix "

@@ -69,6 +69,28 @@ def test_bad_environment_values_are_refused_naming_the_variable(module, variable
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("module, args, expected", [
+    ("pipelines.extract", ["--pair", PAIR, "--days", "abc"], "argument --days: invalid int value: 'abc'"),
+    ("pipelines.extract", ["--pair", PAIR, "--on-duplicate-keys", "eror"],
+     "argument --on_duplicate_keys/--on-duplicate-keys: invalid choice: 'eror'"),
+    ("pipelines.merge", [PAIR, "--days", "abc"], "argument --days: invalid int value: 'abc'"),
+    ("pipelines.merge", [PAIR, "--bogus"], "unrecognized arguments: --bogus"),
+    ("pipelines.prune", ["--keep-windows", "x"], "argument --keep-windows: invalid int value: 'x'"),
+    ("pipelines.cost", ["--queries-per-pair", "x"], "argument --queries-per-pair: invalid int value"),
+    ("pipelines.sample", ["--pairs", PAIR], "the following arguments are required: --warehouse"),
+    ("pipelines.validate", [], "the following arguments are required: path"),
+    ("pipelines.demo", ["--rows", "x"], "argument --rows: invalid int value: 'x'"),
+])
+def test_a_malformed_option_is_one_line_naming_it(module, args, expected, tmp_path):
+    """argparse prints the whole usage before its error (for the extract job, Beam's
+    dozens of lines); every command prints one line instead, exits 2, writes nothing."""
+    proc = run_module(module, *args, env={"BQX_DATA_DIR": str(tmp_path)}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: {expected}"), proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.endswith("(--help lists the options)\n")
+    assert os.listdir(tmp_path) == []
+
+
 def test_extract_help_lists_the_jobs_own_options(tmp_path):
     """Beam's parser alone prints only --help; the job prints its options and creates
     nothing (no sample warehouse, no checkpoints)."""

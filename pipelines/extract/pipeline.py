@@ -114,9 +114,20 @@ def run(argv: list[str] | None = None) -> int:
     return cli.EXIT_OK
 
 
+def check_job_options(argv: list[str]) -> None:
+    """Refuse a malformed job option (``--days abc``, ``--on-duplicate-keys eror``) in
+    one line: Beam's parser would print its whole usage first. Beam's own flags are left
+    to Beam."""
+    parser = cli.ArgumentParser(prog="python -m pipelines.extract", add_help=False,
+                                allow_abbrev=False)  # as Beam's parser: no abbreviations
+    ExtractOptions._add_argparse_args(parser)
+    parser.parse_known_args(argv)
+
+
 def extract(argv: list[str]) -> Window:
     """Run the extract job with the command-line arguments ``argv``; return the window
     it committed (a failure raises)."""
+    check_job_options(argv)
     argv = _with_runner_defaults(argv)
     options = PipelineOptions(argv)
     opts = options.view_as(ExtractOptions)

@@ -382,7 +382,7 @@ def use_jemalloc() -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Options of ``python -m pipelines.merge``; each has an environment default."""
-    p = argparse.ArgumentParser(prog="python -m pipelines.merge",
+    p = cli.ArgumentParser(prog="python -m pipelines.merge",
                                 description="Merge a pair's checkpoints into one training file.")
     p.add_argument("pair_arg", nargs="?", metavar="PAIR", help="the pair (or --pair / PAIR)")
     p.add_argument("--pair", default=cli.env_default("PAIR"), help="currency pair [PAIR]")
