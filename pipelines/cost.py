@@ -312,7 +312,7 @@ def report(one: Estimate, all_: Estimate, scanned_source: str, shared_fraction: 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Options of ``python -m pipelines.cost``."""
     p = ArgumentParser(prog="python -m pipelines.cost",
-                                description="Estimate the cost of extracting and merging pairs.")
+                       description="Estimate the cost of extracting and merging pairs.")
     p.add_argument("--pairs", default="all", help="all (default) or a comma list: eurusd,gbpusd")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--scanned-gb-per-pair", type=float, default=WORKLOAD_SCANNED_GB_PER_PAIR,

@@ -149,7 +149,7 @@ def apply(removals: list[storage.FileInfo]) -> None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Options of ``python -m pipelines.prune``."""
     p = cli.ArgumentParser(prog="python -m pipelines.prune",
-                                description=__doc__.split("\n\n")[0].split(":", 1)[-1].strip())
+                           description=__doc__.split("\n\n")[0].split(":", 1)[-1].strip())
     p.add_argument("--checkpoint-root", default=None,
                    help="the extract job's checkpoint root [GCS_CHECKPOINT_BUCKET]; default "
                         "data/checkpoints")

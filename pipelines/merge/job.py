@@ -383,7 +383,7 @@ def use_jemalloc() -> None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Options of ``python -m pipelines.merge``; each has an environment default."""
     p = cli.ArgumentParser(prog="python -m pipelines.merge",
-                                description="Merge a pair's checkpoints into one training file.")
+                           description="Merge a pair's checkpoints into one training file.")
     p.add_argument("pair_arg", nargs="?", metavar="PAIR", help="the pair (or --pair / PAIR)")
     p.add_argument("--pair", default=cli.env_default("PAIR"), help="currency pair [PAIR]")
     p.add_argument("--method", default=cli.env_default("MERGE_METHOD", "polars"),
