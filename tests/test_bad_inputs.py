@@ -294,7 +294,8 @@ def test_as_of_pins_the_default_window_and_is_refused_where_it_cannot_apply(ware
 
 def test_demo_merges_the_window_it_extracted_beside_others(tmp_path):
     """The README's first command run again after a --days extraction by hand into the
-    same folder: both windows end on the same day, and the demo still merges its own."""
+    same folder: both windows end on the same day, and the demo still merges its own
+    (also with AS_OF_DATE set, which would clash with the dates it merges by)."""
     env = {"BQX_DATA_DIR": str(tmp_path)}
     demo = ("pipelines.demo", "--rows", "3000")  # 2025-01-06 .. 2025-01-08
     proc = run_module(*demo, env=env)
@@ -305,7 +306,8 @@ def test_demo_merges_the_window_it_extracted_beside_others(tmp_path):
                       env=env)
     assert proc.returncode == 0, proc.stderr
     assert len(checkpoints.find_windows(root, PAIR)) == 2
-    proc = run_module(*demo, env={**env, "WINDOW_DAYS": ""})
+    today = dt.datetime.now(dt.timezone.utc).date().isoformat()  # shapes nothing: data of 2025
+    proc = run_module(*demo, env={**env, "WINDOW_DAYS": "", "AS_OF_DATE": today})
     assert proc.returncode == 0, proc.stderr
     output = tmp_path / "output" / f"training_{PAIR}.parquet"
     assert pq.read_metadata(output).num_rows == checkpoints.load_manifest(root, PAIR, full).targets["rows"]
