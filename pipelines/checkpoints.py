@@ -379,9 +379,11 @@ def load_manifest(root: str, pair: str, window: Window | None = None,
         if not last:
             rules = ([f"of at most {days} days"] if days is not None else []) + \
                 ([f"ending before the --as-of day {as_of}"] if as_of is not None else [])
+            flags = ([f"--days {days}"] if days is not None else []) + \
+                ([f"--as-of {as_of}"] if as_of is not None else [])
             raise PipelineError(
                 f"pair {pair!r} has no extracted window {' and '.join(rules)} under "
-                f"{root}; run the extract job with the same options")
+                f"{root}; run the extract job with {' '.join(flags)} first")
         if len(last) > 1:
             raise PipelineError(
                 f"pair {pair!r} has {len(last)} extracted windows whose last day is "

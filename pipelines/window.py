@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 
 from pipelines.errors import PipelineError
 
 UTC = dt.timezone.utc
 SHARD_EPOCH = dt.datetime(2000, 1, 1, tzinfo=UTC)
 DEFAULT_SHARD_DAYS = 28
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -63,11 +65,19 @@ def _parse_stamp(s: str) -> dt.datetime:
 
 
 def parse_date(value: str, flag: str) -> dt.date:
-    """Parse a YYYY-MM-DD date given on the command line."""
+    """Parse a YYYY-MM-DD date given on the command line (only that form: Python's
+    ISO parser also takes 20240131 and 2024-W05-3, which no user of these flags means)."""
     try:
+        if not _DATE.fullmatch(value):
+            raise ValueError(value)
         return dt.date.fromisoformat(value)
     except (TypeError, ValueError):
         raise PipelineError(f"{flag} {value!r} is not a date like 2024-01-31") from None
+
+
+def today() -> dt.date:
+    """Today's date in UTC, the day every default window is worked out from."""
+    return dt.datetime.now(UTC).date()
 
 
 def window_from_dates(start: dt.date, end: dt.date) -> Window:

@@ -210,7 +210,8 @@ def test_days_extracts_and_merges_the_last_days_of_the_targets(warehouse, ck, tm
     given the same N takes that window even when another one ends the same day; --days
     with dates, or below 1, is refused in one line by both jobs."""
     (default,) = checkpoints.find_windows(ck, PAIR)  # 2025-01-06 .. 2025-01-07
-    with pytest.raises(PipelineError, match="no extracted window of at most 1 days"):
+    with pytest.raises(PipelineError, match=r"no extracted window of at most 1 days under .*; run "
+                                            r"the extract job with --days 1 first$"):
         checkpoints.load_manifest(ck, PAIR, days=1)
 
     proc = run_module("pipelines.extract", "--pair", PAIR, "--source", f"duckdb://{warehouse}",
@@ -287,8 +288,8 @@ def test_as_of_pins_the_default_window_and_is_refused_where_it_cannot_apply(ware
     proc = _merge(ck, str(tmp_path / "x.parquet"), "--as-of", "2025-01-06")
     assert proc.returncode == 2, proc.stderr
     assert _error_line(proc) == (f"error: pair 'eurusd' has no extracted window ending before the "
-                                 f"--as-of day 2025-01-06 under {ck}; run the extract job with the "
-                                 "same options")
+                                 f"--as-of day 2025-01-06 under {ck}; run the extract job with --as-of "
+                                 "2025-01-06 first")
     assert file_states(ck) == before and not os.path.exists(tmp_path / "x.parquet")
 
 

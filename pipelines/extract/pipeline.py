@@ -1,7 +1,6 @@
 """The extract job: plan, run the Beam pipeline over the pending tasks, verify, commit."""
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import shutil
@@ -20,7 +19,7 @@ from pipelines.extract.plan import ExtractionPlan, make_plan
 from pipelines.extract.transforms import FAILED, ExtractShards
 from pipelines.extract.verify import ExtractionIncomplete, commit_manifest
 from pipelines.sources import default_warehouse_path, duckdb_url, open_source
-from pipelines.window import UTC, Window, as_of_day, window_from_options
+from pipelines.window import Window, as_of_day, today, window_from_options
 
 log = logging.getLogger("pipelines.extract")
 
@@ -136,7 +135,7 @@ def extract(argv: list[str]) -> Window:
     pair = catalog.check_pair(opts.pair)
     root = storage.resolve_local(opts.checkpoint_root or default_checkpoint_root())
     window = window_from_options(opts.start_date, opts.end_date, opts.days)
-    as_of = as_of_day(opts.as_of, dt.datetime.now(UTC).date(), window is not None)
+    as_of = as_of_day(opts.as_of, today(), window is not None)
     source_url = resolve_source(opts, opts.catalog, pair)
 
     with cli.stage("discover", pair=pair, source=source_url) as out:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime as dt
 import functools
 import gc
 import itertools
@@ -26,7 +25,7 @@ from pipelines.merge import budget as budgets
 from pipelines.merge.reader import ShardCursor, has_keys, int_keys, read_ahead
 from pipelines.merge.writer import TrainingFileWriter
 from pipelines.validate import ColumnCounts, KeyDigest, default_report_path, validate_file
-from pipelines.window import UTC, as_of_day, window_from_options
+from pipelines.window import as_of_day, today, window_from_options
 
 log = logging.getLogger("pipelines.merge")
 
@@ -457,7 +456,7 @@ def run(argv: list[str] | None = None) -> int:
     else:
         output = storage.resolve_local(args.output or default_output(pair))
     window = window_from_options(args.start_date, args.end_date, args.days)
-    as_of = as_of_day(args.as_of, dt.datetime.now(UTC).date(), window is not None)
+    as_of = as_of_day(args.as_of, today(), window is not None)
     manifest = checkpoints.load_manifest(root, pair, window, args.days, as_of)
     started = time.monotonic()
     if args.method == "bigquery":
