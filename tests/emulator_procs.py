@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 BUCKET = "bqx-test"
 PROJECT = "bqx-ml"
@@ -34,19 +34,53 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class EmulatorExited(RuntimeError):
+    """The emulator's process ended before it answered."""
+
+
 def wait_http(url: str, proc: subprocess.Popen, log: str, timeout: float = 60) -> None:
     """Wait until ``url`` answers; raise (with the log's tail) if ``proc`` dies or it
     never does."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"emulator exited with {proc.returncode}: {_tail(log)}")
+            raise EmulatorExited(f"emulator exited with {proc.returncode}: {_tail(log)}")
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
         except OSError:
             time.sleep(0.2)
     raise RuntimeError(f"emulator at {url} did not answer in {timeout}s: {_tail(log)}")
+
+
+def start_on_free_ports(command: Callable[[list[int]], list[str]], ports: int,
+                        ready_url: Callable[[list[int]], str], log: str, attempts: int = 3,
+                        **popen: Any) -> tuple[subprocess.Popen, list[int]]:
+    """Start ``command(ports)`` on ``ports`` free ports, its output in ``log``, and wait
+    until ``ready_url(ports)`` answers; return the process and its ports.
+
+    A port is free when :func:`free_port` picks it, but another process can take it
+    before the emulator binds it; the emulator then exits, and is started again on
+    other ports (up to ``attempts`` times)."""
+    for attempt in range(1, attempts + 1):
+        chosen: list[int] = []
+        while len(chosen) < ports:
+            port = free_port()
+            if port not in chosen:
+                chosen.append(port)
+        with open(log, "w") as out:
+            proc = subprocess.Popen(command(chosen), stdout=out, stderr=subprocess.STDOUT, **popen)
+        try:
+            wait_http(ready_url(chosen), proc, log)
+        except EmulatorExited:
+            if attempt == attempts:
+                raise
+            continue
+        except BaseException:
+            stop(proc)
+            raise
+        return proc, chosen
+    raise AssertionError("unreachable")
 
 
 def _tail(log: str) -> str:
@@ -73,15 +107,12 @@ def gcs_emulator_process(data_dir: str, bucket: str = BUCKET) -> Iterator[dict]:
     is left alone: callers point their clients at ``host`` themselves.
     """
     os.makedirs(data_dir, exist_ok=True)
-    port = free_port()
-    log = os.path.join(data_dir, "emulator.log")
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", THREADED_GCS_EMULATOR, data_dir, str(port), bucket],
-            stdout=out, stderr=subprocess.STDOUT, cwd=data_dir)
+    proc, (port,) = start_on_free_ports(
+        lambda ports: [sys.executable, "-c", THREADED_GCS_EMULATOR, data_dir, str(ports[0]), bucket],
+        1, lambda ports: f"http://127.0.0.1:{ports[0]}/storage/v1/b/{bucket}",
+        os.path.join(data_dir, "emulator.log"), cwd=data_dir)
     host = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{host}/storage/v1/b/{bucket}", proc, log)
         yield {"host": host, "data_dir": data_dir, "bucket": bucket,
                "objects_dir": os.path.join(data_dir, ".cloudstorage")}
     finally:

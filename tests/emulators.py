@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 
 # Starting the GCS emulator's process lives in emulator_procs.py, shared with the soak
 # (python -m bench.soak), which runs without pytest.
-from emulator_procs import BUCKET, PROJECT, environ, free_port, gcs_emulator_process
+from emulator_procs import BUCKET, PROJECT, environ, gcs_emulator_process, start_on_free_ports
 from emulator_procs import stop as _stop
-from emulator_procs import wait_http as _wait_http
 
 BIN = os.path.dirname(sys.executable)
 
@@ -47,16 +45,14 @@ def bq_emulator(tmp_path_factory, gcs_emulator):
     # The emulator needs DuckDB's spatial extension and cannot download it here.
     duckdb_extensions.import_extension("spatial", con=duckdb.connect())
     data = tmp_path_factory.mktemp("bq")
-    rest, grpc = free_port(), free_port()
-    log = str(data / "emulator.log")
     env = {**os.environ, "BQEMU_GCS_LOCAL_ROOT": gcs_emulator["objects_dir"]}
-    proc = subprocess.Popen(
-        [os.path.join(BIN, "bqemulator"), "start", "--rest-port", str(rest), "--grpc-port",
-         str(grpc), "--project", PROJECT, "--log-level", "warning"],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=str(data))
+    proc, (rest, grpc) = start_on_free_ports(
+        lambda ports: [os.path.join(BIN, "bqemulator"), "start", "--rest-port", str(ports[0]),
+                       "--grpc-port", str(ports[1]), "--project", PROJECT, "--log-level", "warning"],
+        2, lambda ports: f"http://127.0.0.1:{ports[0]}/healthz", str(data / "emulator.log"),
+        env=env, cwd=str(data))
     endpoint = f"http://127.0.0.1:{rest}"
     try:
-        _wait_http(f"{endpoint}/healthz", proc, log)
         with environ(BQX_BIGQUERY_ENDPOINT=endpoint, BQX_BIGQUERY_GRPC=f"127.0.0.1:{grpc}"):
             yield {"endpoint": endpoint, "grpc": f"127.0.0.1:{grpc}", "project": PROJECT}
     finally:
