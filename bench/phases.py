@@ -220,13 +220,20 @@ def main(argv=None) -> int:
                   + ", ".join(f"{requests[kind]} {kind}" for kind in REQUEST_KINDS)
                   + f"; {sum(requests.values())} in all")
     finally:
-        from pipelines.validate import default_report_path
-        for leftover in (output, default_report_path(output)):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
-        if not args.keep:
-            shutil.rmtree(root if args.work else work, ignore_errors=True)
+        clean_up(output, root, work, args.keep, args.work is not None)
     return 0
+
+
+def clean_up(output: str, root: str, work: str, keep: bool, work_given: bool) -> None:
+    """Remove a benchmark's training file and its report, and, unless ``keep``, the
+    generated checkpoints ``root`` (the whole ``work`` folder when it was a temporary one)."""
+    from pipelines.validate import default_report_path
+
+    for leftover in (output, default_report_path(output)):
+        if os.path.exists(leftover):
+            os.unlink(leftover)
+    if not keep:
+        shutil.rmtree(root if work_given else work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@
   answering does (counting those the client gave up on). :meth:`HttpFaultProxy.report_running`
   makes a ``jobs.insert`` answer say the job is still running (the emulator finishes a
   job before it answers), so that the client polls it as it would BigQuery.
+  :meth:`HttpFaultProxy.delay` holds every request for a fixed time before handling it:
+  a remote service's latency (``python -m bench.latency`` measures what it costs a merge).
   With ``unique_job_ids`` it also does what BigQuery does and the emulator does not:
   a second ``jobs.insert`` with a job id already used is refused with 409 (the emulator
   runs the job again), which is what makes a retried insert after a ``lost`` response
@@ -176,6 +178,10 @@ class HttpFaultProxy(_Counting):
         self._job_ids: set[str] = set()
         self._job_lock = threading.Lock()
         self._running_reports = 0
+        self.latency = 0.0
+        self._in_flight = 0
+        self.most_in_flight = 0  # requests being handled at once, at most
+        self.seen: list[tuple[str, str]] = []  # (method, path) of every request
         self._reset_counts()
         proxy = self
 
@@ -221,6 +227,10 @@ class HttpFaultProxy(_Counting):
         self.rules.append(rule)
         return rule
 
+    def delay(self, seconds: float) -> None:
+        """Hold every request ``seconds`` before handling it from now on (0: none)."""
+        self.latency = seconds
+
     def report_running(self, times: int = 1) -> None:
         """Answer the next ``times`` successful ``jobs.insert`` requests with the job's
         state changed to RUNNING, as BigQuery answers a job that takes a while."""
@@ -238,10 +248,13 @@ class HttpFaultProxy(_Counting):
             return True
 
     def reset(self) -> None:
-        """No faults, no rules, counters at zero."""
+        """No faults, no rules, no delay, counters at zero."""
         self._dice.configure(0.0, 0, ())
         self.rules = []
         self._running_reports = 0
+        self.latency = 0.0
+        self.most_in_flight = 0
+        self.seen = []
         self._reset_counts()
 
     def _job_id(self, method: str, path: str, body: bytes) -> str | None:
@@ -312,9 +325,23 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         owner = self.owner
+        with owner._count_lock:
+            owner.seen.append((self.command, self.path))
+            owner._in_flight += 1
+            owner.most_in_flight = max(owner.most_in_flight, owner._in_flight)
+        try:
+            self._answer()
+        finally:
+            with owner._count_lock:
+                owner._in_flight -= 1
+
+    def _answer(self) -> None:
+        owner = self.owner
         body = self._read_body()
         method, path = self.command, self.path
         owner._count("requests")
+        if owner.latency:
+            time.sleep(owner.latency)
         with owner._rule_lock:
             rule = next((r for r in owner.rules if r.matches(method, path, body)), None)
         if rule is not None and rule.status is not None:

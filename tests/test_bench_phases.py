@@ -141,3 +141,24 @@ def test_the_checkpoint_requests_of_a_merge_are_counted_and_storage_restored(ext
     assert requests["whole downloads"] == shards + 1
     assert requests["files opened for ranged reads"] > 0 and requests["ranged reads"] > 0
     assert (storage.open_input, storage.read_buffer, storage.crc32c) == originals
+
+
+def test_the_latency_benchmark_merges_from_a_bucket_behind_a_delay(tmp_path, capsys):
+    """bench.latency on a narrow pair: the local merge, then merges from the emulated
+    bucket through a proxy with no delay and with 50 ms a request; each succeeds, and
+    the delayed run's line says how much of the waiting it overlapped."""
+    from bench import latency
+
+    cores = os.sched_getaffinity(0)
+    work = tmp_path / "work"
+    assert latency.main(["--rows", "500", "--tables", "3", "--latency-ms", "50",
+                         "--work", str(work)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0] + (" ms" if line.split()[1] == "ms" else ""): line for line in lines
+            if line.strip().startswith(("local", "0 ms", "50 ms"))}
+    assert set(rows) == {"local", "0 ms", "50 ms"} and all(r.endswith("ok") for r in rows.values())
+    requests = int(rows["50 ms"].split()[5])
+    assert requests == int(rows["0 ms"].split()[5]) > 0
+    assert rows["50 ms"].split()[6] == f"{requests * 0.05:.1f}"  # their waiting, in turn
+    assert not os.listdir(work)  # the generated pair is removed without --keep
+    assert os.sched_getaffinity(0) == cores  # and this process has its cores back
