@@ -37,7 +37,8 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import google_crc32c
 
@@ -46,6 +47,10 @@ from pipelines.errors import PipelineError
 
 _CHUNK = 4 << 20
 TEMP_MARK = ".tmp-"
+# Requests kept in flight by a caller checking many objects of a bucket (every shard of
+# an extraction): each is answered after tens of milliseconds, mostly waiting, and one
+# after another thousands of them wait in turn (BENCHMARKS.md, "A bucket's latency").
+BUCKET_CONCURRENCY = 16
 
 # Retry timing of every client call (see retry_timing); seconds.
 RETRY_SECONDS_ENV = "BQX_RETRY_SECONDS"
@@ -618,6 +623,60 @@ def read_buffer(path: str):
         return sink.getvalue()
     with pa.OSFile(path, "r") as source:
         return source.read_buffer()
+
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def map_under(root: str, fn: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
+    """``[fn(item) for item in items]``, each ``fn`` working on files under ``root``: in
+    a bucket :data:`BUCKET_CONCURRENCY` calls at once (their time is mostly waiting for
+    answers), locally one after another (disk and CPU, which threads would not speed up).
+    Results come in the items' order; the first exception in that order is raised, once
+    the calls already running have ended, and no call starts after it."""
+    if not is_gcs(root):
+        return [fn(item) for item in items]
+    pool = ThreadPoolExecutor(BUCKET_CONCURRENCY, thread_name_prefix="bucket-requests")
+    try:
+        return list(pool.map(fn, items))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def stat(path: str, checksum: bool = False) -> tuple[int, str | None] | None:
+    """``(size, CRC32C)`` of the file ``path``, None when there is none. In a bucket
+    one metadata request gives both (the CRC32C is the one GCS keeps, never recomputed);
+    locally the CRC32C is computed, reading the file, only with ``checksum`` (else None)."""
+    if is_gcs(path):
+        blob = _get_blob(path)
+        if blob is None:
+            return None
+        return int(blob.size), _hex_crc(blob.crc32c)
+    if not os.path.isfile(path):
+        return None
+    return os.path.getsize(path), _file_crc32c(path) if checksum else None
+
+
+def read_range(path: str, start: int, length: int) -> bytes:
+    """``length`` bytes of the file ``path`` from byte ``start`` (fewer at its end): in a
+    bucket one ranged request; FileNotFoundError if it does not exist."""
+    if length <= 0:
+        return b""
+    if is_gcs(path):
+        from google.api_core import exceptions
+
+        try:
+            return _blob(path).download_as_bytes(start=start, end=start + length - 1,
+                                                 retry=gcs_retry())
+        except exceptions.NotFound:
+            _require_bucket(path)
+            raise FileNotFoundError(path) from None
+        except exceptions.GoogleAPIError as exc:
+            raise _gcs_error(path, "ranged read", exc) from None
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        return fh.read(length)
 
 
 def exists(path: str) -> bool:

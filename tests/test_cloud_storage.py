@@ -342,3 +342,98 @@ def test_a_reads_shards_in_a_bucket_are_fetched_at_once_and_checked_in_order(gcs
     again = ShardCursor("features.wide_eurusd", shards, _t.schema)
     with pytest.raises(PipelineError, match=r"checkpoint missing: gs://.*20250107T0000-20250108T0000"):
         again.read_shards(0, 3)
+
+
+def _object_requests(proxy) -> list[tuple[str, str]]:
+    """The requests a proxy saw for objects. Not the bucket's own metadata: since 3.x
+    google-cloud-storage fetches it once per client in the background, and the storage
+    layer has one client per thread."""
+    return [(method, path) for method, path in proxy.seen if "/o/" in path or "/o?" in path]
+
+
+def test_checking_checkpoints_in_a_bucket_asks_two_requests_a_shard_many_at_once(
+        gcs_emulator, extracted):
+    """The merge's preflight, and the extraction's check before it commits, look at
+    every shard. In a bucket each request waits tens of milliseconds, and there are
+    thousands of shards: one metadata request (size and CRC32C together) and one ranged
+    read of the footer per shard, made several at once (storage.map_under). Through a
+    proxy that holds each request 0.3 s, so that they overlap if they can."""
+    from emulators import upload_tree
+    from faultproxy import HttpFaultProxy
+    from emulator_procs import environ
+    from pipelines import checkpoints
+
+    root = _root()
+    upload_tree(extracted, root)
+    manifest = checkpoints.load_manifest(root, PAIR)
+    shards = manifest.totals()["shards"]
+    proxy = HttpFaultProxy(gcs_emulator["host"], name="gcs")
+    try:
+        proxy.delay(0.3)
+        with environ(STORAGE_EMULATOR_HOST=proxy.url):
+            assert checkpoints.verify_checkpoints(manifest, check_content=True) == []
+        assert len(_object_requests(proxy)) == 2 * shards
+        assert proxy.most_in_flight > 2  # in turn: one, and the client's bucket lookup
+        # A damaged shard is still found, and named, by the same two requests.
+        first = manifest.shard_files(manifest.tables[1])[0]
+        storage.write_bytes(first, b"PAR1 not parquet PAR1")
+        proxy.reset()
+        with environ(STORAGE_EMULATOR_HOST=proxy.url):
+            problems = checkpoints.verify_checkpoints(manifest, check_content=False)
+        assert len(problems) == 1 and problems[0].startswith(f"checkpoint {first} has 21 bytes")
+        # Its footer is not read; its commit record is (to tell a damaged file from a
+        # manifest edited since), so again two requests a shard.
+        assert len(_object_requests(proxy)) == 2 * shards
+    finally:
+        proxy.stop()
+
+
+def test_a_parquet_footer_is_read_from_the_file_end_in_one_or_two_reads(gcs_emulator, tmp_path):
+    """read_parquet_footer reads FOOTER_READ bytes from the end, and once more when the
+    footer is longer (17,000 columns are not a checkpoint's, but a wide table's could
+    be); the same metadata pyarrow reads from the whole file. A file that is not
+    parquet raises as pyarrow does."""
+    from pipelines import checkpoints
+
+    wide = pa.table({f"c{i}": pa.array([float(i)]) for i in range(2000)})
+    local = str(tmp_path / "wide.parquet")
+    pq.write_table(wide, local)
+    nbytes = os.path.getsize(local)
+    with open(local, "rb") as fh:
+        fh.seek(nbytes - 8)
+        footer = int.from_bytes(fh.read(4), "little")
+    assert footer + 8 > checkpoints.FOOTER_READ
+    small = str(tmp_path / "small.parquet")
+    pq.write_table(_table(100), small)
+    remote = storage.join(_root(), "wide.parquet")
+    storage.write_bytes(remote, open(local, "rb").read())
+    for path, size in ((local, nbytes), (small, os.path.getsize(small)), (remote, nbytes)):
+        meta = checkpoints.read_parquet_footer(path, size)
+        with storage.open_input(path) as source:
+            assert meta.to_dict() == pq.read_metadata(source).to_dict()
+    assert storage.read_range(remote, 0, 4) == b"PAR1" == storage.read_range(local, nbytes - 4, 99)
+    (tmp_path / "text.parquet").write_bytes(b"no parquet here")
+    with pytest.raises(Exception, match="(?i)parquet magic bytes not found|invalid"):
+        checkpoints.read_parquet_footer(str(tmp_path / "text.parquet"), 15)
+
+
+def test_calls_on_a_bucket_run_at_once_and_local_ones_in_turn(tmp_path):
+    """storage.map_under: results in order; in a bucket several calls at once (here four
+    calls that each wait for the other three: in turn they would never meet), locally
+    one after another on the caller's thread; the first error in order is raised."""
+    import threading
+
+    meet = threading.Barrier(4, timeout=30)
+    assert storage.map_under("gs://b/ck", lambda i: (meet.wait(), i)[1], range(4)) == [0, 1, 2, 3]
+    caller = threading.get_ident()
+    assert storage.map_under(str(tmp_path), lambda i: (threading.get_ident(), i),
+                             range(3)) == [(caller, 0), (caller, 1), (caller, 2)]
+
+    def fail_on_odd(i):
+        if i % 2:
+            raise ValueError(f"item {i}")
+        return i
+
+    for root in ("gs://b/ck", str(tmp_path)):
+        with pytest.raises(ValueError, match="^item 1$"):
+            storage.map_under(root, fail_on_odd, range(6))

@@ -60,10 +60,13 @@ def commit_manifest(plan: ExtractionPlan, source_url: str,
     tables = []
     written = written or {}
     by_spec = plan.tasks_by_spec()
+    tasks = [task for spec in plan.specs for task in by_spec[(spec.dataset, spec.table)]]
+    checked = iter(storage.map_under(
+        plan.root, lambda task: check_task(task, plan.key, written.get(task.fingerprint)), tasks))
     for spec in plan.specs:
         shards = []
         for task in by_spec[(spec.dataset, spec.table)]:
-            record, found = check_task(task, plan.key, written.get(task.fingerprint))
+            record, found = next(checked)
             problems.extend(found)
             if record is not None:
                 shards.append({**record, "path": checkpoints.relative(plan.root, task.path)})
