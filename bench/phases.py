@@ -14,8 +14,9 @@ the keys) is not in any phase's CPU; it is in the process total.
 ``--count-requests`` also counts what the merge asks of the checkpoint files (and the
 manifest), as a bucket would see it: files opened for ranged reads (opening one of
 Arrow's GCS files may cost a metadata request), the reads made of them (each one ranged
-request: that file has no read-ahead buffer), whole downloads, and stored-checksum
-lookups (one metadata request each). The counting wrapper slows the reads, so times from such a run
+request: that file has no read-ahead buffer; and the footer reads of the preflight),
+whole downloads, stored-checksum lookups, and size and checksum lookups (one metadata
+request each; the preflight's, one a shard). The counting wrapper slows the reads, so times from such a run
 are not comparable with others.
 """
 from __future__ import annotations
@@ -122,7 +123,7 @@ class CountedFile:
 
 
 REQUEST_KINDS = ("files opened for ranged reads", "ranged reads", "whole downloads",
-                 "stored-checksum lookups")
+                 "stored-checksum lookups", "size and checksum lookups")
 
 
 def _count_requests(requests: dict):
@@ -133,7 +134,8 @@ def _count_requests(requests: dict):
     from pipelines import storage
 
     lock = threading.Lock()
-    real = {name: getattr(storage, name) for name in ("open_input", "read_buffer", "crc32c")}
+    real = {name: getattr(storage, name)
+            for name in ("open_input", "read_buffer", "crc32c", "stat", "read_range")}
 
     def count(kind: str) -> None:
         with lock:  # reader threads count at once
@@ -151,8 +153,16 @@ def _count_requests(requests: dict):
         count("stored-checksum lookups")
         return real["crc32c"](path)
 
+    def stat(path, checksum=False):
+        count("size and checksum lookups")
+        return real["stat"](path, checksum)
+
+    def read_range(path, start, length):
+        count("ranged reads")
+        return real["read_range"](path, start, length)
+
     for name, counted in (("open_input", open_input), ("read_buffer", read_buffer),
-                          ("crc32c", crc32c)):
+                          ("crc32c", crc32c), ("stat", stat), ("read_range", read_range)):
         setattr(storage, name, counted)
     return lambda: [setattr(storage, name, f) for name, f in real.items()]
 

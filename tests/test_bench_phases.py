@@ -131,7 +131,8 @@ def test_the_memory_benchmark_repeats_a_merge_in_one_process(extracted, tmp_path
 def test_the_checkpoint_requests_of_a_merge_are_counted_and_storage_restored(extracted, tmp_path):
     from pipelines import storage
 
-    originals = (storage.open_input, storage.read_buffer, storage.crc32c)
+    originals = (storage.open_input, storage.read_buffer, storage.crc32c, storage.stat,
+                 storage.read_range)
     requests = {}
     phases.profile_merge(extracted, "eurusd", str(tmp_path / "t.parquet"), requests)
     assert set(requests) == set(phases.REQUEST_KINDS)
@@ -139,8 +140,11 @@ def test_the_checkpoint_requests_of_a_merge_are_counted_and_storage_restored(ext
     # (the spine's keys are read first, through ranged reads); none is sliced.
     shards = sum(1 for _d, _s, files in os.walk(extracted) for f in files if f.endswith(".parquet"))
     assert requests["whole downloads"] == shards + 1
-    assert requests["files opened for ranged reads"] > 0 and requests["ranged reads"] > 0
-    assert (storage.open_input, storage.read_buffer, storage.crc32c) == originals
+    assert requests["files opened for ranged reads"] > 0 and requests["ranged reads"] > shards
+    # The preflight: one lookup and one read of the footer a shard.
+    assert requests["size and checksum lookups"] == shards
+    assert (storage.open_input, storage.read_buffer, storage.crc32c, storage.stat,
+            storage.read_range) == originals
 
 
 def test_the_latency_benchmark_merges_from_a_bucket_behind_a_delay(tmp_path, capsys):
