@@ -193,9 +193,10 @@ def shard_is_done(task: ShardTask, check_content: bool = True) -> bool:
     record = read_json(task.record_path)
     if not record or record.get("fingerprint") != task.fingerprint:
         return False
-    if not storage.exists(task.path) or storage.size(task.path) != record.get("bytes"):
+    found = storage.stat(task.path, checksum=check_content)
+    if found is None or found[0] != record.get("bytes"):
         return False
-    return not check_content or storage.crc32c(task.path) == record.get("crc32c")
+    return not check_content or (found[1] or storage.crc32c(task.path)) == record.get("crc32c")
 
 
 def _iso(t: dt.datetime | None) -> str | None:

@@ -345,10 +345,11 @@ def test_a_reads_shards_in_a_bucket_are_fetched_at_once_and_checked_in_order(gcs
 
 
 def _object_requests(proxy) -> list[tuple[str, str]]:
-    """The requests a proxy saw for objects. Not the bucket's own metadata: since 3.x
-    google-cloud-storage fetches it once per client in the background, and the storage
-    layer has one client per thread."""
-    return [(method, path) for method, path in proxy.seen if "/o/" in path or "/o?" in path]
+    """The requests a proxy saw for single objects. Not the bucket's own metadata (since
+    3.x google-cloud-storage fetches it once per client in the background, and the
+    storage layer has one client per thread), nor listings (the storage layer lists one
+    object once per bucket and process, to tell a missing object from a missing bucket)."""
+    return [(method, path) for method, path in proxy.seen if "/o/" in path]
 
 
 def test_checking_checkpoints_in_a_bucket_asks_two_requests_a_shard_many_at_once(
@@ -384,6 +385,42 @@ def test_checking_checkpoints_in_a_bucket_asks_two_requests_a_shard_many_at_once
         # Its footer is not read; its commit record is (to tell a damaged file from a
         # manifest edited since), so again two requests a shard.
         assert len(_object_requests(proxy)) == 2 * shards
+    finally:
+        proxy.stop()
+
+
+def test_a_resumed_extraction_finds_its_done_shards_in_a_bucket_many_at_once(
+        gcs_emulator, warehouse, extracted):
+    """Every run of the extract job first asks which shards are done (a run on a later
+    day finds all but the last): per task its commit record and one metadata request
+    (size and CRC32C), several tasks at once in a bucket. Through a proxy that holds
+    each request 0.3 s."""
+    from emulator_procs import environ
+    from emulators import upload_tree
+    from faultproxy import HttpFaultProxy
+    from pipelines.catalog import load_catalog
+    from pipelines.extract.pipeline import pending_tasks
+    from pipelines.extract.plan import make_plan
+    from pipelines.sources import DuckDBSource
+    from pipelines.window import window_from_dates
+
+    root = _root()
+    upload_tree(extracted, root)
+    source = DuckDBSource(warehouse)
+    try:  # the fixture's extraction: the targets' whole days, one-day shards
+        plan = make_plan(source, load_catalog(), PAIR,
+                         window_from_dates(dt.date(2025, 1, 6), dt.date(2025, 1, 7)), root, 1, "drop")
+    finally:
+        source.close()
+    storage.delete(plan.tasks[3].record_path)
+    proxy = HttpFaultProxy(gcs_emulator["host"], name="gcs")
+    try:
+        proxy.delay(0.3)
+        with environ(STORAGE_EMULATOR_HOST=proxy.url):
+            assert pending_tasks(plan) == [plan.tasks[3]]
+        # The task without a record costs one request; its shard is not looked at.
+        assert len(_object_requests(proxy)) == 2 * len(plan.tasks) - 1
+        assert proxy.most_in_flight > 2  # in turn: one, and the client's bucket lookup
     finally:
         proxy.stop()
 

@@ -84,8 +84,10 @@ def resolve_source(opts: ExtractOptions, catalog_path: str | None, pair: str) ->
 
 
 def pending_tasks(plan: ExtractionPlan) -> list:
-    """Tasks whose shard is not already proven done by its commit record."""
-    return [t for t in plan.tasks if not checkpoints.shard_is_done(t)]
+    """Tasks whose shard is not already proven done by its commit record (in a bucket,
+    several tasks at once: two requests each, mostly waiting)."""
+    done = storage.map_under(plan.root, checkpoints.shard_is_done, plan.tasks)
+    return [t for t, finished in zip(plan.tasks, done) if not finished]
 
 
 def print_help() -> None:
