@@ -196,7 +196,7 @@ def shard_is_done(task: ShardTask, check_content: bool = True) -> bool:
     found = storage.stat(task.path, checksum=check_content)
     if found is None or found[0] != record.get("bytes"):
         return False
-    return not check_content or (found[1] or storage.crc32c(task.path)) == record.get("crc32c")
+    return not check_content or found[1] == record.get("crc32c")
 
 
 def _iso(t: dt.datetime | None) -> str | None:
@@ -561,7 +561,6 @@ def verify_shard(path: str, shard: dict[str, Any], expected: pa.Schema,
                 or f"checkpoint {path} has {nbytes} bytes, its record says "
                    f"{shard['bytes']} (truncated or replaced)"]
     if check_content:
-        crc = crc or storage.crc32c(path)  # an object without one: crc32c says so
         if crc != shard["crc32c"]:
             return [_stale_listing(path, listed_in, "crc32c", shard["crc32c"], crc)
                     or f"checkpoint {path} is corrupt: CRC32C {crc} differs from the "

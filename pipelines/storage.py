@@ -646,13 +646,17 @@ def map_under(root: str, fn: Callable[[_T], _R], items: Iterable[_T]) -> list[_R
 
 def stat(path: str, checksum: bool = False) -> tuple[int, str | None] | None:
     """``(size, CRC32C)`` of the file ``path``, None when there is none. In a bucket
-    one metadata request gives both (the CRC32C is the one GCS keeps, never recomputed);
-    locally the CRC32C is computed, reading the file, only with ``checksum`` (else None)."""
+    one metadata request gives both (the CRC32C is the one GCS keeps, never recomputed;
+    with ``checksum`` an object without one is a PipelineError); locally the CRC32C is
+    computed, reading the file, only with ``checksum`` (else None)."""
     if is_gcs(path):
         blob = _get_blob(path)
         if blob is None:
             return None
-        return int(blob.size), _hex_crc(blob.crc32c)
+        crc = _hex_crc(blob.crc32c)
+        if checksum and crc is None:
+            raise PipelineError(f"{path}: the object has no CRC32C in its metadata")
+        return int(blob.size), crc
     if not os.path.isfile(path):
         return None
     return os.path.getsize(path), _file_crc32c(path) if checksum else None
@@ -709,12 +713,10 @@ def _file_crc32c(path: str) -> str:
 def crc32c(path: str) -> str:
     """CRC32C of a file's bytes as 8 hex digits (the checksum GCS keeps per object;
     for ``gs://`` it is read from the object's metadata, not recomputed)."""
-    if is_gcs(path):
-        value = _hex_crc(_require_blob(path).crc32c)
-        if value is None:
-            raise PipelineError(f"{path}: the object has no CRC32C in its metadata")
-        return value
-    return _file_crc32c(path)
+    found = stat(path, checksum=True)
+    if found is None:
+        raise FileNotFoundError(path)
+    return found[1]
 
 
 def list_files(prefix: str) -> list[str]:

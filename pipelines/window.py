@@ -75,7 +75,7 @@ def parse_date(value: str, flag: str) -> dt.date:
         raise PipelineError(f"{flag} {value!r} is not a date like 2024-01-31") from None
 
 
-def today() -> dt.date:
+def utc_today() -> dt.date:
     """Today's date in UTC, the day every default window is worked out from."""
     return dt.datetime.now(UTC).date()
 

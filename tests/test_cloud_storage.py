@@ -474,3 +474,18 @@ def test_calls_on_a_bucket_run_at_once_and_local_ones_in_turn(tmp_path):
     for root in ("gs://b/ck", str(tmp_path)):
         with pytest.raises(ValueError, match="^item 1$"):
             storage.map_under(root, fail_on_odd, range(6))
+
+
+def test_an_object_without_a_stored_crc32c_is_refused_where_its_checksum_is_needed(monkeypatch):
+    """GCS keeps a CRC32C for every object, and the emulator always computes one, so an
+    object's metadata without it is a fault no emulator here can produce: a stand-in for
+    the metadata lookup (a mock, for that reason only). Its size is still given; a
+    checksum asked of it is a one-line error naming the object."""
+    import types
+
+    monkeypatch.setattr(storage, "_get_blob", lambda path: types.SimpleNamespace(size=12, crc32c=None))
+    path = "gs://b/ck/x.parquet"
+    assert storage.stat(path) == (12, None)
+    for check in (lambda: storage.stat(path, checksum=True), lambda: storage.crc32c(path)):
+        with pytest.raises(PipelineError, match=r"^gs://b/ck/x\.parquet: the object has no CRC32C in its metadata$"):
+            check()

@@ -19,7 +19,7 @@ from pipelines.extract.plan import ExtractionPlan, make_plan
 from pipelines.extract.transforms import FAILED, ExtractShards
 from pipelines.extract.verify import ExtractionIncomplete, commit_manifest
 from pipelines.sources import default_warehouse_path, duckdb_url, open_source
-from pipelines.window import Window, as_of_day, today, window_from_options
+from pipelines.window import Window, as_of_day, utc_today, window_from_options
 
 log = logging.getLogger("pipelines.extract")
 
@@ -137,7 +137,7 @@ def extract(argv: list[str]) -> Window:
     pair = catalog.check_pair(opts.pair)
     root = storage.resolve_local(opts.checkpoint_root or default_checkpoint_root())
     window = window_from_options(opts.start_date, opts.end_date, opts.days)
-    as_of = as_of_day(opts.as_of, today(), window is not None)
+    as_of = as_of_day(opts.as_of, utc_today(), window is not None)
     source_url = resolve_source(opts, opts.catalog, pair)
 
     with cli.stage("discover", pair=pair, source=source_url) as out:

@@ -9,7 +9,7 @@ from pipelines import checkpoints, sql
 from pipelines.catalog import Catalog, TableSpec, plan_tables
 from pipelines.checkpoints import ShardTask
 from pipelines.errors import PipelineError
-from pipelines.window import UTC, Window, last_days, shards, today, window_covering
+from pipelines.window import UTC, Window, last_days, shards, utc_today, window_covering
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def default_window(source, catalog: Catalog, pair: str, days: int | None = None,
         raise PipelineError(f"targets table {catalog.targets_table_for(pair)} has no rows "
                             f"with {catalog.key} after {catalog.min_valid_key}")
     if as_of is None:
-        day, name, why = today(), "today", "a day not yet over may still change"
+        day, name, why = utc_today(), "today", "a day not yet over may still change"
     else:
         day, name, why = as_of, "the --as-of day", "the run's window is worked out as of that day"
     window = window_covering(row["first_key"], row["last_key"], day, name)

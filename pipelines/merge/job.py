@@ -25,7 +25,7 @@ from pipelines.merge import budget as budgets
 from pipelines.merge.reader import ShardCursor, has_keys, int_keys, read_ahead
 from pipelines.merge.writer import TrainingFileWriter
 from pipelines.validate import ColumnCounts, KeyDigest, default_report_path, validate_file
-from pipelines.window import as_of_day, today, window_from_options
+from pipelines.window import as_of_day, utc_today, window_from_options
 
 log = logging.getLogger("pipelines.merge")
 
@@ -456,7 +456,7 @@ def run(argv: list[str] | None = None) -> int:
     else:
         output = storage.resolve_local(args.output or default_output(pair))
     window = window_from_options(args.start_date, args.end_date, args.days)
-    as_of = as_of_day(args.as_of, today(), window is not None)
+    as_of = as_of_day(args.as_of, utc_today(), window is not None)
     manifest = checkpoints.load_manifest(root, pair, window, args.days, as_of)
     started = time.monotonic()
     if args.method == "bigquery":
