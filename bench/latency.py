@@ -2,8 +2,8 @@
 what a bucket's latency costs a merge.
 
 Cloud Storage answers each request after some tens of milliseconds, and a merge makes
-about 7.5 requests per checkpoint shard (BENCHMARKS.md, "What a merge asks of its
-checkpoints"). That latency cannot be measured here (no network); what it costs a merge
+thousands of requests of its checkpoints (~18,000 at 100,000 rows: BENCHMARKS.md, "A
+bucket's latency"). That latency cannot be measured here (no network); what it costs a merge
 can. This writes a full-width synthetic pair (bench/synthetic.py; reused when ``--work``
 holds ``ck{rows}``, as ``bench.merge`` leaves it), uploads it to the local GCS emulator
 (started as the tests start it), and merges it from the bucket through an HTTP proxy
@@ -16,7 +16,9 @@ proxy run on the other cores, as a bucket's work is not the job's.
 Prints, per run: wall and CPU seconds, peak RSS, the requests the proxy saw, and for a
 latency above 0 the time those requests would wait one after another (requests x
 latency) against the wall time the latency added over the 0 ms run (the rest was
-overlapped: with reading ahead, fetching a read's shards at once, and the encoding). The
+overlapped: with reading ahead, fetching a read's shards at once, and the encoding);
+last, the seconds of the merge's preflight (every shard checked before the first
+column is read), from the merge's own log. The
 emulator is a Python process on this machine; the 0 ms run measures its cost and the
 proxy's, which the added time excludes.
 """
@@ -52,12 +54,14 @@ def latency_row(name: str, r: dict, requests: int | None, latency: float | None,
         cells += [f"{in_turn:9.1f}", f"{added:8.1f}", f"{1 - added / in_turn:8.0%}"]
     else:
         cells += [f"{'-':>9}", f"{'-':>8}", f"{'-':>8}"]
+    preflight = r.get("stages", {}).get("preflight")
+    cells.append(f"{preflight:10.1f}" if preflight is not None else f"{'-':>10}")
     status = "ok" if r["code"] == 0 else (r["killed"] or f"exit {r['code']}: {r['error']}")
     return " ".join(cells) + f"  {status}"
 
 
 HEADER = (f"{'run':>10} {'wall s':>8} {'CPU s':>7} {'peak GiB':>8} {'requests':>9} "
-          f"{'in turn s':>9} {'added s':>8} {'hidden':>8}")
+          f"{'in turn s':>9} {'added s':>8} {'hidden':>8} {'preflight':>10}")
 
 
 def main(argv=None) -> int:

@@ -43,8 +43,8 @@ def _rss(pid: int) -> int:
 
 def run_measured(cmd: list[str], cap_seconds: float, cap_rss: int) -> dict:
     """Run ``cmd`` (from a fresh process: RUSAGE_CHILDREN then covers only it); return
-    its exit code, wall seconds, CPU seconds (user + system), peak RSS and whether a cap
-    killed it."""
+    its exit code, wall seconds, CPU seconds (user + system), peak RSS, whether a cap
+    killed it, and the seconds of each stage a job logged as done (``stages``)."""
     started = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     killed = None
@@ -65,6 +65,7 @@ def run_measured(cmd: list[str], cap_seconds: float, cap_rss: int) -> dict:
     errors = [line for line in lines if "Error" in line or line.startswith("error:")]
     return {"code": proc.returncode, "wall": wall, "rss": peak, "killed": killed,
             "cpu": usage.ru_utime + usage.ru_stime,
+            "stages": {name: float(s) for name, s in re.findall(r"\[(\w+)\] done in ([0-9.]+)s", err)},
             "error": "" if proc.returncode == 0 or killed else (errors or lines or [""])[-1][:200]}
 
 

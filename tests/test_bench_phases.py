@@ -166,5 +166,6 @@ def test_the_latency_benchmark_merges_from_a_bucket_behind_a_delay(tmp_path, cap
     requests = int(rows["50 ms"].split()[5])
     assert requests > 0 and int(rows["0 ms"].split()[5]) > 0
     assert rows["50 ms"].split()[6] == f"{requests * 0.05:.1f}"  # their waiting, in turn
+    assert all(float(r.split()[-2]) >= 0 for r in rows.values())  # the preflight, from its log
     assert not os.listdir(work)  # the generated pair is removed without --keep
     assert os.sched_getaffinity(0) == cores  # and this process has its cores back
